@@ -1,0 +1,58 @@
+"""The engine's error family.
+
+Every error a user can cause (a bad spec, a missing run, a failing step) is one of these; the CLI prints
+its message as one line and exits with `exit_code`. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of the engine's errors: `str(err)` is the complete one-line message."""
+
+    exit_code = 1
+
+
+class SpecError(PipelineError):
+    """A spec file (or a `--set` override) is invalid; the message is `FILE:LINE:COL: PATH: what`."""
+
+    exit_code = 2
+
+    def __init__(self, messages: list[str] | str) -> None:
+        self.messages = [messages] if isinstance(messages, str) else list(messages)
+        super().__init__("\n".join(self.messages))
+
+
+class RegistryError(PipelineError):
+    """A step-kind plugin could not be loaded, or two plugins claim the same kind."""
+
+    exit_code = 2
+
+
+class StoreError(PipelineError):
+    """The store does not hold what was asked for (a run id, a step's table)."""
+
+    exit_code = 2
+
+
+class QueryError(PipelineError):
+    """A SQL query over a run's tables failed to parse or to execute."""
+
+    exit_code = 2
+
+
+class StepFailed(PipelineError):
+    """A step raised (after its retries); carries the step's name and the error's last line."""
+
+    def __init__(self, step: str, error: str) -> None:
+        self.step, self.error = step, error
+        super().__init__(f"step {step!r} failed: {error}")
+
+
+class RunFailed(PipelineError):
+    """A pipeline run finished with failed steps; `run` holds what completed."""
+
+    def __init__(self, run: object, failed: dict[str, str]) -> None:
+        self.run, self.failed = run, failed
+        lines = "; ".join(f"{name}: {err}" for name, err in failed.items())
+        super().__init__(f"run failed in {len(failed)} step(s): {lines}")

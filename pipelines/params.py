@@ -1,0 +1,124 @@
+"""What a step kind declares: its Params model, and the field types the engine gives meaning to.
+
+- `StepRef`: the name of another step; fields of this type (alone, in lists, dicts or optionals) are
+  the edges of the DAG, and the referenced step's cache key (not its name) enters the cache key.
+- `InputPath`: a file or folder a step reads (a local path, relative to the spec file, or a pyarrow
+  filesystem URI); its size and modification time enter the cache key, so an edited file re-runs.
+- `StorePath`: a location written inside the store; absolute paths and `..` are refused.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic_core import PydanticCustomError, core_schema
+
+
+def is_uri(path: str) -> bool:
+    """True for `scheme://…` locations (s3://, gs://, hdfs://, file://)."""
+    return "://" in path
+
+
+class StepRef(str):
+    """The name of another step in the same spec."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        return core_schema.no_info_after_validator_function(cls, core_schema.str_schema())
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: Any, handler: GetJsonSchemaHandler) -> Any:
+        return {"type": "string", "x-step-ref": True, "description": "the name of another step"}
+
+
+class InputPath(str):
+    """A path the step reads; a relative local path is resolved against the spec file's folder."""
+
+    @classmethod
+    def _resolve(cls, value: str, info: core_schema.ValidationInfo) -> InputPath:
+        if is_uri(value) or not info.context or "spec_dir" not in info.context:
+            return cls(value)
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = Path(info.context["spec_dir"]) / path
+        return cls(str(path.resolve()))
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        return core_schema.with_info_after_validator_function(
+            cls._resolve, core_schema.str_schema(min_length=1)
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: Any, handler: GetJsonSchemaHandler) -> Any:
+        return {"type": "string", "format": "path", "x-input-path": True}
+
+
+class StorePath(str):
+    """A relative location inside the store; it can never escape it."""
+
+    @classmethod
+    def _check(cls, value: str) -> StorePath:
+        norm = posixpath.normpath(value.replace("\\", "/"))
+        if is_uri(value) or norm.startswith("/") or norm == ".." or norm.startswith("../"):
+            raise PydanticCustomError(
+                "escapes_store",
+                "path {path!r} would escape the store: give a relative path without '..'",
+                {"path": value},
+            )
+        return cls(norm)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        return core_schema.no_info_after_validator_function(cls._check, core_schema.str_schema(min_length=1))
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: Any, handler: GetJsonSchemaHandler) -> Any:
+        return {"type": "string", "x-store-path": True}
+
+
+class Resources(BaseModel):
+    """What one task of the step reserves on the Ray cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1.0, ge=0, description="CPU cores reserved by the step's task.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the step's task.")
+    memory: int | None = Field(
+        None, gt=0, description="Bytes of memory reserved (Ray schedules on it; null = none)."
+    )
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources, e.g. {accelerator_type:H100: 1}."
+    )
+
+
+class StepParams(BaseModel):
+    """Base of every step kind's Params model: the fields every step accepts.
+
+    Subclasses declare `kind: Literal["name"]` and their own fields, each with a description.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Fields that never change a step's output, so they stay out of its cache key.
+    non_semantic: ClassVar[frozenset[str]] = frozenset({"resources", "retries", "export", "description"})
+
+    kind: str = Field(description="The step kind; selects the fields below.")
+    description: str | None = Field(None, description="Free text shown by `tda show`.")
+    resources: Resources = Field(
+        default_factory=Resources, description="Ray resources reserved by the step's task."
+    )
+    retries: int = Field(
+        0, ge=0, le=20, description="Times the step is re-run after an exception or a lost worker."
+    )
+    export: StorePath | None = Field(
+        None,
+        description="Also copy the step's table to <store>/exports/<export> (a relative path).",
+    )
+
+    def semantic_params(self) -> dict[str, Any]:
+        """The params that determine the output, as JSON-ready data."""
+        return self.model_dump(mode="json", exclude=set(self.non_semantic))

@@ -1,0 +1,386 @@
+"""Runs a validated spec: plan cache keys, execute what is missing as Ray tasks, record and track.
+
+The only module of `pipelines` that imports ray. Independent steps run concurrently; each step is
+one Ray task with the step's `resources` and `retries`, and may fan out further through its context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines import registry
+from pipelines.context import Executor, StepJob, StepOutcome, execute_step
+from pipelines.dag import Dag, build_dag, find_refs
+from pipelines.errors import PipelineError, RunFailed, SpecError
+from pipelines.exports import export_table
+from pipelines.fingerprint import input_fingerprint
+from pipelines.progress import Progress
+from pipelines.query import Run
+from pipelines.spec import SpecBase
+from pipelines.store import RunRecord, Store, cache_key, new_run_id, now_iso
+from pipelines.tracking import Tracker, default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- Ray
+
+
+class RayExecutor(Executor):
+    """Fan-out inside a step: one Ray task per item."""
+
+    def map(self, fn: Any, items: Any, **options: Any) -> list[Any]:
+        import ray
+
+        remote = ray.remote(fn).options(**options) if options else ray.remote(fn)
+        return ray.get([remote.remote(item) for item in items])
+
+    def imap_unordered(self, fn: Any, items: Any, **options: Any) -> Any:
+        import ray
+
+        remote = ray.remote(fn).options(**options) if options else ray.remote(fn)
+        pending = [remote.remote(item) for item in items]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def _execute_on_ray(job: StepJob) -> StepOutcome:
+    return execute_step(job, RayExecutor())
+
+
+def ensure_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to `address`, or start an embedded Ray (its own temp dir, no dashboard, no stats)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address in (None, "", "local"):
+        # token auth stays on (Ray's default); only its "enabled by default" notice is hushed
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            _temp_dir=tempfile.mkdtemp(prefix="tda-ray-"),
+            logging_level=logging.WARNING,
+        )
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+
+
+def _ray_options(job: StepJob) -> dict[str, Any]:
+    res = job.params.resources
+    options: dict[str, Any] = {
+        "num_cpus": res.num_cpus,
+        "num_gpus": res.num_gpus,
+        "name": f"step:{job.name}",
+        "max_retries": job.params.retries,
+        "retry_exceptions": job.params.retries > 0,
+    }
+    if res.memory:
+        options["memory"] = res.memory
+    if res.custom:
+        options["resources"] = dict(res.custom)
+    return options
+
+
+def _error_line(exc: BaseException) -> tuple[str, str]:
+    """(one-line error, full text) of a failed task, unwrapping Ray's task error."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}".splitlines()[0], str(exc)
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text.splitlines()[-1]}", text
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass
+class PlannedStep:
+    name: str
+    job: StepJob
+    cached: bool
+    upstream: tuple[str, ...]
+
+
+def _keyed_params(params: Any, keys: dict[str, str]) -> dict[str, Any]:
+    """Semantic params with every step reference replaced by that step's cache key."""
+    data = params.semantic_params()
+    for loc, ref in find_refs(params):
+        node = data
+        for part in loc[:-1]:
+            node = node[part]
+        if loc[-1] in node or isinstance(node, list):
+            node[loc[-1]] = f"key:{keys[ref]}"
+    return data
+
+
+def plan(spec: SpecBase, store: Store, force: tuple[str, ...] = ()) -> tuple[Dag, dict[str, PlannedStep]]:
+    """Cache keys of every step (upstream keys first), and which are already in the store."""
+    dag = build_dag(spec)
+    unknown = [f for f in force if f not in spec.steps]
+    if unknown:
+        raise SpecError(
+            f"{spec.source.path}: --force: no step {unknown[0]!r}; steps: {', '.join(spec.steps)}"
+        )
+    forced = dag.descendants(set(force))
+    keys: dict[str, str] = {}
+    planned: dict[str, PlannedStep] = {}
+    for name in dag.order:
+        params = spec.steps[name]
+        kind = registry.get(params.kind)
+        fingerprint = input_fingerprint(params, spec.source, ("steps", name))
+        if kind.fingerprint is not None:
+            fingerprint = f"{fingerprint}|{kind.fingerprint(params)}"
+        keys[name] = cache_key(kind.name, kind.version, _keyed_params(params, keys), fingerprint or None)
+        job = StepJob(
+            name,
+            kind.name,
+            keys[name],
+            kind.version,
+            kind.fn,
+            params,
+            {up: keys[up] for up in dag.upstream[name]},
+            str(store.root),
+        )
+        cached = store.has(keys[name]) and name not in forced
+        planned[name] = PlannedStep(name, job, cached, dag.upstream[name])
+    return dag, {name: planned[name] for name in dag.steps}
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass
+class RunOptions:
+    store: str | None = None
+    ray_address: str | None = None
+    tracking_uri: str | None = None
+    num_cpus: int | None = None
+    force: tuple[str, ...] = ()
+    progress: bool = True
+    raise_on_failure: bool = True
+
+
+@dataclass
+class _State:
+    record: RunRecord
+    store: Store
+    tracker: Tracker
+    progress: Progress
+    planned: dict[str, PlannedStep]
+    t_start: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_store(spec: SpecBase, override: str | None) -> Store:
+    if override:
+        return Store(override)
+    root = Path(spec.run.store).expanduser()
+    return Store(root if root.is_absolute() else spec.source.folder / root)
+
+
+def run(spec: SpecBase, **options: Any) -> Run:
+    """Run a spec; returns the Run (its tables, statuses). See RunOptions for the options."""
+    opts = RunOptions(**options)
+    store = resolve_store(spec, opts.store)
+    dag, planned = plan(spec, store, tuple(opts.force))
+    record = RunRecord(
+        run_id=new_run_id(),
+        spec_name=spec.name,
+        spec_path=spec.source.path,
+        store=str(store.root),
+        spec=spec.model_dump(mode="json"),
+        overrides=list(spec.source.overrides),
+    )
+    for name, step in planned.items():
+        record.steps[name] = {
+            "kind": step.job.kind,
+            "key": step.job.key,
+            "status": "pending",
+            "cached": step.cached,
+            "rows": None,
+            "seconds": None,
+        }
+    tracking_uri = opts.tracking_uri or spec.run.tracking_uri or default_tracking_uri(store.root)
+    (store.root / "runs").mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(
+        tracking_uri, spec.name, store.root / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
+    )
+    parent = tracker.start(
+        record.run_id,
+        {"spec": spec.name, "run_id": record.run_id, "store": str(store.root)},
+        {"seed": spec.seed, "steps": len(planned)},
+    )
+    record.mlflow = {"tracking_uri": tracking_uri, "experiment_id": tracker.experiment_id, "run_id": parent}
+    store.write_run(record)
+    state = _State(record, store, tracker, Progress(record.steps, opts.progress), planned)
+    t0 = time.perf_counter()
+    try:
+        with state.progress:
+            _run_cached(state)
+            if any(not s.cached for s in planned.values()):
+                ensure_ray(opts.ray_address or spec.run.ray_address, opts.num_cpus or spec.run.num_cpus)
+                _schedule(state)
+    finally:
+        _finish(state, time.perf_counter() - t0)
+    result = Run(store, record)
+    failed = {n: s.get("error", "") for n, s in record.steps.items() if s["status"] == "failed"}
+    if failed and opts.raise_on_failure:
+        raise RunFailed(result, failed)
+    return result
+
+
+def _run_cached(state: _State) -> None:
+    for name, step in state.planned.items():
+        if step.cached:
+            manifest = state.store.get(step.job.key).manifest
+            info = state.record.steps[name]
+            info.update(status="cached", rows=manifest.get("rows"), node=manifest.get("node"))
+            _track(state, name, manifest.get("metrics", {}).items(), 0.0, "FINISHED", cached=True)
+            state.progress.changed(name)
+
+
+def _schedule(state: _State) -> None:
+    """Submit ready steps, collect finished ones, until nothing can run any more."""
+    import ray
+
+    remote = ray.remote(_execute_on_ray)
+    steps = state.record.steps
+    pending: dict[Any, str] = {}
+    while True:
+        for name, step in state.planned.items():
+            if steps[name]["status"] != "pending":
+                continue
+            ups = [steps[u]["status"] for u in step.upstream]
+            if any(s in ("failed", "skipped") for s in ups):
+                steps[name].update(status="skipped", error="an upstream step failed")
+                state.progress.changed(name)
+            elif all(s in ("done", "cached") for s in ups):
+                ref = remote.options(**_ray_options(step.job)).remote(step.job)
+                pending[ref] = name
+                state.t_start[name] = time.time()
+                steps[name].update(status="running", t_start=time.perf_counter())
+                state.progress.changed(name)
+        if not pending:
+            break
+        state.store.write_run(state.record)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=None)
+        for ref in done:
+            _collect(state, pending.pop(ref), ref)
+
+
+def _collect(state: _State, name: str, ref: Any) -> None:
+    import ray
+
+    info = state.record.steps[name]
+    info.pop("t_start", None)
+    try:
+        outcome: StepOutcome = ray.get(ref)
+    except Exception as exc:
+        error, text = _error_line(exc)
+        info.update(status="failed", error=error, traceback=text, seconds=time.time() - state.t_start[name])
+        _track(state, name, [], info["seconds"], "FAILED", cached=False)
+    else:
+        info.update(status="done", rows=outcome.rows, seconds=outcome.seconds, node=outcome.node)
+        _track(
+            state,
+            name,
+            [(k, v) for k, v, _ in outcome.metrics],
+            outcome.seconds,
+            "FINISHED",
+            cached=False,
+            history=outcome.metrics,
+            artifacts=outcome.artifacts,
+        )
+    state.progress.changed(name)
+
+
+def _track(
+    state: _State,
+    name: str,
+    metrics: Any,
+    seconds: float,
+    status: str,
+    *,
+    cached: bool,
+    history: list[tuple[str, float, int | None]] | None = None,
+    artifacts: str | None = None,
+) -> None:
+    step = state.planned[name]
+    info = state.record.steps[name]
+    series = history if history is not None else [(k, float(v), None) for k, v in metrics]
+    if info.get("rows") is not None:
+        series = [*series, ("rows", float(info["rows"]), None)]
+    series = [*series, ("wall_seconds", float(seconds), None)]
+    end = time.time()
+    state.tracker.log_step(
+        name,
+        tags={
+            "kind": step.job.kind,
+            "cache_key": step.job.key,
+            "run_id": state.record.run_id,
+            "cached": str(cached).lower(),
+            "step": name,
+        },
+        params=step.job.params.model_dump(mode="json"),
+        metrics=series,
+        start=state.t_start.get(name, end),
+        end=end,
+        status=status,
+        artifacts=artifacts,
+    )
+
+
+def _finish(state: _State, seconds: float) -> None:
+    record = state.record
+    for _name, info in record.steps.items():
+        info.pop("t_start", None)
+        if info["status"] in ("pending", "running"):
+            info.update(
+                status="skipped" if info["status"] == "pending" else "failed",
+                error=info.get("error") or "the run was interrupted",
+            )
+    _export(state)
+    failed = any(i["status"] in ("failed", "skipped") for i in record.steps.values())
+    record.status = "failed" if failed else "succeeded"
+    record.finished, record.seconds = now_iso(), seconds
+    state.tracker.finish(
+        "FAILED" if failed else "FINISHED",
+        {
+            "wall_seconds": seconds,
+            "steps_executed": sum(i["status"] == "done" for i in record.steps.values()),
+            "steps_cached": sum(i["status"] == "cached" for i in record.steps.values()),
+        },
+    )
+    errors = state.tracker.close()
+    if errors:
+        record.mlflow["errors"] = errors[:20]
+        log.warning("MLflow logging failed %d time(s); first: %s", len(errors), errors[0])
+    state.store.write_run(record)
+
+
+def _export(state: _State) -> None:
+    for name, step in state.planned.items():
+        target = step.job.params.export
+        if target and state.record.steps[name]["status"] in ("done", "cached"):
+            try:
+                export_table(state.store.get(step.job.key), state.store.root / "exports" / target)
+            except (PipelineError, OSError) as exc:
+                state.record.steps[name]["export_error"] = f"{type(exc).__name__}: {exc}"
+            except Exception:  # an export must not lose the run record
+                state.record.steps[name]["export_error"] = traceback.format_exc(limit=1)

@@ -1,0 +1,1 @@
+"""Generic step kinds that make the engine useful on its own: `read` and `sql`."""
