@@ -26,6 +26,8 @@ from pipelines.progress import summary_table
 from pipelines.store import Store
 
 out = Console(soft_wrap=True)
+if not out.is_terminal:  # piped or captured: no wrapping of wide tables at 80 columns
+    out = Console(soft_wrap=True, width=max(out.width, 200))
 
 
 def _store_for(args: argparse.Namespace) -> Store:

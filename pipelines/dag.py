@@ -90,6 +90,8 @@ def build_dag(spec: Any) -> Dag:
     order = _topological_order(names, upstream)
     if order is None:
         cycle = _find_cycle(names, upstream)
+        first = min(range(len(cycle)), key=lambda i: names.index(cycle[i]))
+        cycle = cycle[first:] + cycle[:first]  # start at the member defined first
         where = source.error(("steps", cycle[0]), "")
         raise SpecError(f"{where}steps form a cycle: {' -> '.join([*cycle, cycle[0]])}")
     return Dag(steps=tuple(names), upstream=upstream, order=tuple(order))

@@ -66,7 +66,7 @@ class StorePath(str):
         if is_uri(value) or norm.startswith("/") or norm == ".." or norm.startswith("../"):
             raise PydanticCustomError(
                 "escapes_store",
-                "path {path!r} would escape the store: give a relative path without '..'",
+                "path '{path}' would escape the store: give a relative path without '..'",
                 {"path": value},
             )
         return cls(norm)

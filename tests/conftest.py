@@ -1,0 +1,58 @@
+"""Shared fixtures: one embedded Ray per test session, toy step kinds, spec files in tmp folders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# toy kinds for subprocesses (`tda …`) too; this process registers them below
+os.environ["PIPELINES_PLUGINS"] = "tests.pipelines.toy_steps"
+
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.pipelines import toy_steps  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The embedded Ray of this test session (4 logical CPUs, so concurrency is observable)."""
+    import ray
+
+    from pipelines.runner import ensure_ray
+
+    ensure_ray(None, 4)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """One MLflow SQLite database for the session (creating one costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """write_spec(text, name="spec.yaml") -> path of a dedented spec file in tmp_path."""
+
+    def write(text: str, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+        return path
+
+    return write
+
+
+def pytest_configure(config):
+    from pipelines import registry
+
+    for kind in toy_steps.STEPS:
+        registry.register(kind)

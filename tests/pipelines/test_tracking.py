@@ -1,0 +1,126 @@
+"""MLflow: a parent run per pipeline run, a nested run per step; SQLite and a live server."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+
+import pipelines
+from pipelines import load_spec
+
+SPEC = """
+version: 1
+name: tracked
+steps:
+  base:
+    kind: numbers
+    n: 3
+  sq:
+    kind: fanout
+    n: 4
+"""
+
+
+def runs_of(tracking_uri: str, experiment: str):
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
+
+
+def test_default_tracking_is_sqlite_in_the_store(ray_session, write_spec, tmp_path):
+    store = tmp_path / "store"
+    result = pipelines.run(load_spec(write_spec(SPEC)), store=str(store), progress=False)
+    assert result.record.mlflow["tracking_uri"] == f"sqlite:///{store / 'mlflow.db'}"
+    runs = runs_of(result.record.mlflow["tracking_uri"], "tracked")
+    parent = runs[runs["run_id"] == result.record.mlflow["run_id"]].iloc[0]
+    assert parent["tags.run_id"] == result.run_id and parent["status"] == "FINISHED"
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
+    by_step = {row["tags.mlflow.runName"]: row for _, row in children.iterrows()}
+    assert set(by_step) == {"base", "sq"}
+    sq = by_step["sq"]
+    assert sq["tags.kind"] == "fanout" and sq["tags.cached"] == "false"
+    assert sq["tags.cache_key"] == result.steps["sq"]["key"]
+    assert sq["params.n"] == "4" and sq["metrics.rows"] == 4 and sq["metrics.wall_seconds"] > 0
+    client = mlflow.MlflowClient(result.record.mlflow["tracking_uri"])
+    history = client.get_metric_history(sq["run_id"], "square")
+    assert [(m.step, m.value) for m in history] == [(0, 0), (1, 1), (2, 4), (3, 9)]
+    assert [a.path for a in client.list_artifacts(sq["run_id"])] == ["note.txt"]
+    assert (store / "mlartifacts").is_dir()
+
+
+def test_cached_steps_are_tracked_as_cached(ray_session, write_spec, tmp_path, tracking_uri):
+    path = write_spec(SPEC.replace("name: tracked", "name: tracked_cached"))
+    for _ in range(2):
+        result = pipelines.run(
+            load_spec(path), store=str(tmp_path / "s"), tracking_uri=tracking_uri, progress=False
+        )
+    runs = runs_of(tracking_uri, "tracked_cached")
+    children = runs[runs["tags.mlflow.parentRunId"] == result.record.mlflow["run_id"]]
+    assert set(children["tags.cached"]) == {"true"} and len(children) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback, stopped after the module."""
+    root = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start within 90 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_tracking_uri_against_a_live_mlflow_server(ray_session, write_spec, tmp_path, mlflow_server):
+    path = write_spec(SPEC.replace("name: tracked", "name: served"))
+    result = pipelines.run(
+        load_spec(path), store=str(tmp_path / "store"), tracking_uri=mlflow_server, progress=False
+    )
+    assert not (tmp_path / "store" / "mlflow.db").exists()
+    runs = runs_of(mlflow_server, "served")
+    assert result.record.mlflow["run_id"] in set(runs["run_id"])
+    assert len(runs[runs["tags.mlflow.parentRunId"] == result.record.mlflow["run_id"]]) == 2
+    client = mlflow.MlflowClient(mlflow_server)
+    sq = runs[runs["tags.mlflow.runName"] == "sq"].iloc[0]
+    assert [a.path for a in client.list_artifacts(sq["run_id"])] == ["note.txt"]
