@@ -35,7 +35,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/engine_overhead.py
 
 docs: $(STAMP)
-	$(VENV)/bin/tda docs docs/steps
+	$(VENV)/bin/tda docs docs/steps --installed
+	$(VENV)/bin/tda schema --installed --out spec.schema.json
 
 clean:
 	rm -rf $(VENV) tda-store .pytest_cache

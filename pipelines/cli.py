@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    from pipelines.registry import installed_kinds
     from pipelines.spec import json_schema
 
-    text = json.dumps(json_schema(), indent=2) + "\n"
+    text = json.dumps(json_schema(installed_kinds() if args.installed else None), indent=2) + "\n"
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     else:
@@ -105,7 +107,8 @@ def _print_run(result: Any) -> None:
     out.print(f"tables:   {', '.join(tables) or 'none'}  (Parquet under {store / 'objects'})")
     out.print(f"tracking: {record.mlflow.get('tracking_uri')}")
     if tables:
-        out.print(f'query:    tda query "SELECT * FROM {tables[-1]} LIMIT 10" --store {store}')
+        tda = "tda" if shutil.which("tda") else sys.argv[0]
+        out.print(f'query:    {tda} query "SELECT * FROM {tables[-1]} LIMIT 10" --store {store}')
     uri = record.mlflow.get("tracking_uri", "")
     out.print(f"MLflow:   mlflow ui --backend-store-uri {uri} --host 127.0.0.1", highlight=False)
 
@@ -192,8 +195,9 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_docs(args: argparse.Namespace) -> int:
     from pipelines.docs import write_step_docs
+    from pipelines.registry import installed_kinds
 
-    for path in write_step_docs(Path(args.out_dir)):
+    for path in write_step_docs(Path(args.out_dir), installed_kinds() if args.installed else None):
         out.print(f"wrote {path}")
     return 0
 
@@ -243,10 +247,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="print the JSON Schema of spec files (every registered kind)")
     p.add_argument("--out", help="write it to this file")
+    p.add_argument("--installed", action="store_true", help="only installed kinds (no $PIPELINES_PLUGINS)")
     p.set_defaults(fn=cmd_schema)
 
     p = sub.add_parser("docs", help="write a Markdown page per step kind from its Params model")
     p.add_argument("out_dir")
+    p.add_argument("--installed", action="store_true", help="only installed kinds (no $PIPELINES_PLUGINS)")
     p.set_defaults(fn=cmd_docs)
 
     for name, fn, helptext in [

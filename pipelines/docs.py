@@ -17,9 +17,9 @@ def _type_name(schema: dict[str, Any], defs: dict[str, Any]) -> str:
     if "$ref" in schema:
         return schema["$ref"].rsplit("/", 1)[-1]
     if "anyOf" in schema:
-        return " | ".join(_type_name(s, defs) for s in schema["anyOf"])
+        return " or ".join(_type_name(s, defs) for s in schema["anyOf"])
     if "enum" in schema:
-        return " | ".join(json.dumps(v) for v in schema["enum"])
+        return " or ".join(json.dumps(v) for v in schema["enum"])
     if "const" in schema:
         return json.dumps(schema["const"])
     if schema.get("x-step-ref"):
@@ -52,7 +52,10 @@ def field_rows(model: type[StepParams]) -> list[str]:
     for name, prop in schema["properties"].items():
         if name == "kind":
             continue
-        default = "required" if name in required else f"`{json.dumps(prop.get('default'))}`"
+        field = model.model_fields[name]
+        value = None if field.is_required() else field.get_default(call_default_factory=True)
+        value = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+        default = "required" if name in required else f"`{json.dumps(value, default=str)}`"
         bounds = _bounds(prop)
         desc = (prop.get("description") or "").replace("|", "\\|") + (f" ({bounds})" if bounds else "")
         rows.append(f"| `{name}` | {_type_name(prop, defs)} | {default} | {desc} |")
@@ -90,14 +93,17 @@ def index_page(kinds: dict[str, StepKind]) -> str:
     return "\n".join(lines)
 
 
-def write_step_docs(out_dir: Path) -> list[Path]:
-    """Write `index.md` and `<kind>.md` for every registered kind; returns the paths."""
+def step_docs(kinds: dict[str, StepKind] | None = None) -> dict[str, str]:
+    """File name → Markdown: `index.md` and `<kind>.md` per kind (default: every registered kind)."""
+    kinds = kinds or registry.kinds()
+    return {"index.md": index_page(kinds), **{f"{name}.md": kind_page(k) for name, k in kinds.items()}}
+
+
+def write_step_docs(out_dir: Path, kinds: dict[str, StepKind] | None = None) -> list[Path]:
+    """Write the pages of `step_docs` into `out_dir`; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    kinds = registry.kinds()
-    written = [out_dir / "index.md"]
-    written[0].write_text(index_page(kinds), encoding="utf-8")
-    for name, kind in kinds.items():
-        path = out_dir / f"{name}.md"
-        path.write_text(kind_page(kind), encoding="utf-8")
-        written.append(path)
+    written = []
+    for name, text in step_docs(kinds).items():
+        (out_dir / name).write_text(text, encoding="utf-8")
+        written.append(out_dir / name)
     return written

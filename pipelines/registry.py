@@ -92,7 +92,8 @@ def _load_plugin(spec: str) -> Iterable[StepKind]:
     return _kinds_in(getattr(obj, attr) if attr else obj, f"{PLUGINS_ENV} {spec}")
 
 
-def _discover() -> dict[str, StepKind]:
+def installed_kinds() -> dict[str, StepKind]:
+    """The kinds of installed packages' entry points only (no plugins from the environment)."""
     kinds: dict[str, StepKind] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
@@ -101,6 +102,11 @@ def _discover() -> dict[str, StepKind]:
             raise RegistryError(f"step kind {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
         for kind in _kinds_in(loaded, f"entry point {ep.name} = {ep.value}"):
             kinds[kind.name] = kind
+    return dict(sorted(kinds.items()))
+
+
+def _discover() -> dict[str, StepKind]:
+    kinds = installed_kinds()
     for spec in filter(None, os.environ.get(PLUGINS_ENV, "").split(",")):
         kinds.update({k.name: k for k in _load_plugin(spec)})
     return kinds

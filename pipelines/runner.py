@@ -221,21 +221,25 @@ def run(spec: SpecBase, **options: Any) -> Run:
     tracker = Tracker(
         tracking_uri, spec.name, store.root / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
     )
-    parent = tracker.start(
+    tracker.start(
         record.run_id,
         {"spec": spec.name, "run_id": record.run_id, "store": str(store.root)},
         {"seed": spec.seed, "steps": len(planned)},
     )
-    record.mlflow = {"tracking_uri": tracking_uri, "experiment_id": tracker.experiment_id, "run_id": parent}
+    record.mlflow = {"tracking_uri": tracking_uri}
     store.write_run(record)
     state = _State(record, store, tracker, Progress(record.steps, opts.progress), planned)
     t0 = time.perf_counter()
     try:
         with state.progress:
             _run_cached(state)
-            if any(not s.cached for s in planned.values()):
-                ensure_ray(opts.ray_address or spec.run.ray_address, opts.num_cpus or spec.run.num_cpus)
-                _schedule(state)
+            todo = any(not s.cached for s in planned.values())
+            if todo:
+                address, cpus = opts.ray_address or spec.run.ray_address, opts.num_cpus or spec.run.num_cpus
+                record.timings["ray_start"] = _timed(ensure_ray, address, cpus)
+            tracker.ready()  # it connected while Ray started; a bad tracking URI stops the run here
+            if todo:
+                record.timings["execute"] = _timed(_schedule, state)
     finally:
         _finish(state, time.perf_counter() - t0)
     result = Run(store, record)
@@ -243,6 +247,12 @@ def run(spec: SpecBase, **options: Any) -> Run:
     if failed and opts.raise_on_failure:
         raise RunFailed(result, failed)
     return result
+
+
+def _timed(fn: Any, *args: Any) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
 
 
 def _run_cached(state: _State) -> None:
@@ -368,6 +378,7 @@ def _finish(state: _State, seconds: float) -> None:
         },
     )
     errors = state.tracker.close()
+    record.mlflow.update(experiment_id=state.tracker.experiment_id, run_id=state.tracker.parent_id)
     if errors:
         record.mlflow["errors"] = errors[:20]
         log.warning("MLflow logging failed %d time(s); first: %s", len(errors), errors[0])

@@ -185,9 +185,9 @@ def apply_override(data: dict[str, Any], assignment: str, source: SpecSource) ->
 # ---------------------------------------------------------------- validation
 
 
-def spec_model() -> type[SpecBase]:
-    """The Spec model for the kinds registered now (a discriminated union on `kind`)."""
-    models = tuple(kind.params for kind in registry.kinds().values())
+def spec_model(kinds: dict[str, registry.StepKind] | None = None) -> type[SpecBase]:
+    """The Spec model for `kinds` (default: all registered now), a discriminated union on `kind`."""
+    models = tuple(kind.params for kind in (kinds or registry.kinds()).values())
     if not models:
         step_type: Any = StepParams
     elif len(models) == 1:
@@ -322,9 +322,9 @@ def loads_spec(text: str, path: str = "<spec>", spec_dir: str | None = None) -> 
     return validate(data, source)
 
 
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of a spec file with every registered kind (for editors and docs)."""
-    schema = spec_model().model_json_schema()
+def json_schema(kinds: dict[str, registry.StepKind] | None = None) -> dict[str, Any]:
+    """The JSON Schema of a spec file with `kinds` (default: every registered kind)."""
+    schema = spec_model(kinds).model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "tda pipeline spec"
     return schema

@@ -190,6 +190,7 @@ class RunRecord:
     seconds: float | None = None
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
     mlflow: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # ray_start, execute (seconds)
     overrides: list[str] = field(default_factory=list)
 
 

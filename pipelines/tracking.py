@@ -44,49 +44,71 @@ def _ms(seconds: float) -> int:
 
 
 class Tracker:
-    """Logs a pipeline run to MLflow: `start`, `log_step` per step, `finish`, `close`."""
+    """Logs a pipeline run to MLflow: `start`, `log_step` per step, `finish`, `close`.
+
+    Connecting (importing mlflow, opening the store, creating the parent run) happens on the
+    logging thread, so it overlaps with the start of Ray; `ready()` waits for it and raises a
+    TrackingError if the tracking URI does not work, before any step executes.
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None) -> None:
+        self.tracking_uri = tracking_uri
+        self.client: Any = None
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self._connect_error: str | None = None
+        self._connected = threading.Event()
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._errors: list[str] = []
+        self._thread = threading.Thread(
+            target=self._drain, args=(experiment, artifact_root), name="mlflow-logger", daemon=True
+        )
+        self._thread.start()
+
+    def _connect(self, experiment: str, artifact_root: Path | None) -> None:
         from mlflow.tracking import MlflowClient
 
         for name in ("alembic", "mlflow"):  # after the import, which sets up mlflow's logging
             logging.getLogger(name).setLevel(logging.WARNING)
-
-        self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        try:
-            self.experiment_id = self._experiment(experiment, artifact_root)
-        except Exception as exc:
-            raise TrackingError(f"MLflow at {tracking_uri}: {type(exc).__name__}: {exc}") from None
-        self.parent_id: str | None = None
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._errors: list[str] = []
-        self._thread = threading.Thread(target=self._drain, name="mlflow-logger", daemon=True)
-        self._thread.start()
-
-    def _experiment(self, name: str, artifact_root: Path | None) -> str:
-        found = self.client.get_experiment_by_name(name)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
         if found is not None:
-            return found.experiment_id
-        location = (artifact_root / name).as_uri() if artifact_root else None
-        return self.client.create_experiment(name, artifact_location=location)
+            self.experiment_id = found.experiment_id
+        else:
+            location = (artifact_root / experiment).as_uri() if artifact_root else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
 
-    def _drain(self) -> None:
+    def _drain(self, experiment: str, artifact_root: Path | None) -> None:
+        try:
+            self._connect(experiment, artifact_root)
+        except Exception as exc:
+            self._connect_error = f"MLflow at {self.tracking_uri}: {type(exc).__name__}: {exc}"
+        finally:
+            self._connected.set()
         while (job := self._jobs.get()) is not None:
+            if self._connect_error:
+                continue
             try:
                 job()
             except Exception as exc:  # tracking must not take the pipeline down
                 self._errors.append(f"{type(exc).__name__}: {exc}")
 
-    def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
-        """Create the parent run (synchronously: its id goes into the run record)."""
+    def ready(self) -> None:
+        """Wait until connected; raise TrackingError if the tracking URI did not work."""
+        self._connected.wait()
+        if self._connect_error:
+            raise TrackingError(self._connect_error)
+
+    def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
+        """Queue the parent run; its id is `parent_id` once `close()` returned."""
+        self._jobs.put(lambda: self._start(run_name, tags, params))
+
+    def _start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = run.info.run_id
-        flat = [Param(k, v) for k, v in flatten(params).items()]
-        self._jobs.put(lambda: self.client.log_batch(self.parent_id, params=flat))
-        return self.parent_id
+        self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in flatten(params).items()])
 
     def log_step(
         self,
@@ -130,19 +152,21 @@ class Tracker:
         self.client.set_terminated(run_id, status=status, end_time=stamp)
 
     def finish(self, status: str, metrics: dict[str, float]) -> None:
+        """Queue the parent run's final metrics and status."""
+        self._jobs.put(lambda: self._finish(status, metrics, _ms(time.time())))
+
+    def _finish(self, status: str, metrics: dict[str, float], stamp: int) -> None:
         from mlflow.entities import Metric
 
-        stamp = _ms(time.time())
-        parent = self.parent_id
         batch = [Metric(k, v, stamp, 0) for k, v in metrics.items()]
-        self._jobs.put(lambda: self.client.log_batch(parent, metrics=batch))
-        self._jobs.put(lambda: self.client.set_terminated(parent, status=status, end_time=stamp))
+        self.client.log_batch(self.parent_id, metrics=batch)
+        self.client.set_terminated(self.parent_id, status=status, end_time=stamp)
 
     def close(self) -> list[str]:
         """Wait for queued logging to finish; return the errors it met (as one-line strings)."""
         self._jobs.put(None)
         self._thread.join()
-        return self._errors
+        return [self._connect_error] if self._connect_error else self._errors
 
 
 def read_step_metrics(tracking_uri: str, parent_run_id: str) -> dict[str, dict[str, float]]:

@@ -124,3 +124,20 @@ def test_tracking_uri_against_a_live_mlflow_server(ray_session, write_spec, tmp_
     client = mlflow.MlflowClient(mlflow_server)
     sq = runs[runs["tags.mlflow.runName"] == "sq"].iloc[0]
     assert [a.path for a in client.list_artifacts(sq["run_id"])] == ["note.txt"]
+
+
+def test_an_unreachable_tracking_server_stops_the_run_before_any_step(
+    ray_session, write_spec, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's default retries take minutes
+    path = write_spec(SPEC)
+    with pytest.raises(pipelines.PipelineError, match=r"MLflow at http://127.0.0.1:\d+: "):
+        pipelines.run(
+            load_spec(path),
+            store=str(tmp_path / "s"),
+            progress=False,
+            tracking_uri=f"http://127.0.0.1:{_free_port()}",
+        )
+    record = pipelines.open_run(tmp_path / "s").record
+    assert {s["status"] for s in record.steps.values()} == {"skipped"}
+    assert not any((tmp_path / "s" / "objects").glob("*"))

@@ -94,7 +94,7 @@ def _square(i: int) -> tuple[int, int, int]:
 
 def fanout(params: FanoutParams, ctx: StepContext) -> pl.DataFrame:
     rows = ctx.map(_square, range(params.n), num_cpus=0.5)
-    for step, (i, sq, _) in enumerate(rows):
+    for step, (_, sq, _) in enumerate(rows):
         ctx.log_metric("square", sq, step=step)
     (ctx.artifacts_dir / "note.txt").write_text("hello from fanout")
     return pl.DataFrame(rows, schema=["i", "square", "pid"], orient="row")
