@@ -114,6 +114,7 @@ class StepJob:
     params: StepParams
     inputs: dict[str, str]
     store_root: str
+    replace: bool = False  # a forced re-run replaces the stored object of the same key
 
 
 @dataclass
@@ -194,7 +195,7 @@ def execute_step(job: StepJob, executor: Executor | None = None) -> StepOutcome:
             "pid": os.getpid(),
             "versions": library_versions(),
         }
-        obj = store.commit(job.key, staging, manifest)
+        obj = store.commit(job.key, staging, manifest, replace=job.replace)
     except BaseException:
         store.discard(staging)  # nothing half-written; Ray retries the task if `retries` allows
         raise

@@ -157,6 +157,7 @@ def plan(spec: SpecBase, store: Store, force: tuple[str, ...] = ()) -> tuple[Dag
             params,
             {up: keys[up] for up in dag.upstream[name]},
             str(store.root),
+            replace=name in forced,
         )
         cached = store.has(keys[name]) and name not in forced
         planned[name] = PlannedStep(name, job, cached, dag.upstream[name])

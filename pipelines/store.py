@@ -127,14 +127,20 @@ class Store:
         path.mkdir(parents=True)
         return path
 
-    def commit(self, key: str, staging: Path, manifest: dict[str, Any]) -> StoredObject:
+    def commit(
+        self, key: str, staging: Path, manifest: dict[str, Any], replace: bool = False
+    ) -> StoredObject:
         """Write the manifest into `staging` and rename it to `objects/<key>` atomically.
 
-        An existing object with the same key (a forced re-run) is moved aside first and removed.
+        If another run committed the same key meanwhile, its (equivalent) object is kept and ours
+        discarded, so readers of it are never disturbed; `replace` (a forced re-run) swaps it out.
         """
         write_json_atomic(staging / "manifest.json", manifest)
         target = self.object_dir(key)
         target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not replace:
+            self.discard(staging)
+            return StoredObject(target)
         if target.exists():
             old = self.root / "tmp" / f"{key}.old.{uuid.uuid4().hex[:12]}"
             os.replace(target, old)
