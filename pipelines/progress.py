@@ -59,6 +59,7 @@ class Progress:
         self.enabled = enabled
         self.live_mode = enabled and self.console.is_terminal
         self.t0 = time.perf_counter()
+        self.phase = "running"
         self._live: Live | None = None
 
     def _render(self) -> Table:
@@ -67,7 +68,7 @@ class Progress:
             name: {**info, "seconds": now - info["t_start"]} if info.get("status") == "running" else info
             for name, info in self.steps.items()
         }
-        return summary_table(shown, title=f"running… {now - self.t0:.1f}s")
+        return summary_table(shown, title=f"{self.phase}… {now - self.t0:.1f}s")
 
     def __enter__(self) -> Progress:
         if self.live_mode:
@@ -84,6 +85,12 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
             self._live.__exit__(None, None, None)
+
+    def set_phase(self, phase: str) -> None:
+        """Say what the run is doing besides steps (e.g. starting Ray)."""
+        self.phase = phase
+        if self.enabled and not self.live_mode:
+            print(f"[{time.perf_counter() - self.t0:7.1f}s] {phase}", file=sys.stderr, flush=True)
 
     def changed(self, name: str) -> None:
         """Note a state change of `name` (the live table redraws by itself)."""

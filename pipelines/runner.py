@@ -30,6 +30,12 @@ from pipelines.tracking import Tracker, default_tracking_uri
 log = logging.getLogger(__name__)
 
 
+class RayUnavailable(PipelineError):
+    """The Ray cluster named by --ray-address / run.ray_address could not be reached."""
+
+    exit_code = 2
+
+
 # ---------------------------------------------------------------- Ray
 
 
@@ -79,7 +85,13 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
             logging_level=logging.WARNING,
         )
     else:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError) as exc:
+            raise RayUnavailable(
+                f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}; check the address "
+                "(`ray status` on the head node) or leave --ray-address out for an embedded Ray"
+            ) from None
 
 
 def _ray_options(job: StepJob) -> dict[str, Any]:
@@ -237,9 +249,11 @@ def run(spec: SpecBase, **options: Any) -> Run:
             todo = any(not s.cached for s in planned.values())
             if todo:
                 address, cpus = opts.ray_address or spec.run.ray_address, opts.num_cpus or spec.run.num_cpus
+                state.progress.set_phase(f"connecting to Ray at {address}" if address else "starting Ray")
                 record.timings["ray_start"] = _timed(ensure_ray, address, cpus)
             tracker.ready()  # it connected while Ray started; a bad tracking URI stops the run here
             if todo:
+                state.progress.set_phase("running")
                 record.timings["execute"] = _timed(_schedule, state)
     finally:
         _finish(state, time.perf_counter() - t0)

@@ -188,6 +188,13 @@ class TestConcurrency:
         assert table["square"].to_list() == [0, 1, 4, 9, 16, 25]
         assert result.output("sq").manifest["node"] == result.steps["sq"]["node"]
 
+    def test_a_step_uses_ray_data_and_writes_sharded_parquet(self, run_spec, write_spec):
+        result = run_spec(write_spec("version: 1\nname: rd\nsteps:\n  sq:\n    kind: shards\n    n: 100\n"))
+        files = list(result.output("sq").data_dir.glob("*.parquet"))
+        table = result.table("sq").collect().sort("id")
+        assert len(files) >= 2 and table.height == 100 and result.steps["sq"]["rows"] == 100
+        assert table["square"].to_list() == [i * i for i in range(100)]
+
 
 class TestOutputs:
     def test_manifest_run_record_and_lazy_tables(self, run_spec, write_spec):

@@ -81,7 +81,7 @@ class TestInvalid:
         errs = errors_of(write_spec, GOOD.replace("kind: numbers", "kind: numbrs"))
         assert errs == [
             "SPEC:6:5: steps.base.kind: unknown step kind 'numbrs'; did you mean 'numbers'? "
-            "known kinds: add, crash_once, fail_while, fanout, numbers, read, sleepy, sql"
+            "known kinds: add, crash_once, fail_while, fanout, numbers, read, shards, sleepy, sql"
         ]
 
     def test_unknown_field(self, write_spec):

@@ -100,6 +100,23 @@ def fanout(params: FanoutParams, ctx: StepContext) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=["i", "square", "pid"], orient="row")
 
 
+class ShardsParams(StepParams):
+    """Squares 0..n-1 with Ray Data, written by Ray Data as Parquet shards into the step's data dir."""
+
+    kind: Literal["shards"] = "shards"
+    n: int = Field(gt=0, description="Rows.")
+    blocks: int = Field(4, gt=0, description="Ray Data blocks (one shard each).")
+
+
+def shards(params: ShardsParams, ctx: StepContext) -> None:
+    import ray.data
+
+    ds = ray.data.range(params.n, override_num_blocks=params.blocks)
+    ds = ds.map_batches(lambda b: {"id": b["id"], "square": b["id"] ** 2}, batch_format="numpy")
+    ds.write_parquet(str(ctx.data_dir))
+    ctx.log_metric("blocks", params.blocks)
+
+
 STEPS = [
     StepKind("numbers", NumbersParams, numbers),
     StepKind("add", AddParams, add),
@@ -107,4 +124,5 @@ STEPS = [
     StepKind("crash_once", CrashOnceParams, crash_once),
     StepKind("fail_while", FailWhileParams, fail_while),
     StepKind("fanout", FanoutParams, fanout),
+    StepKind("shards", ShardsParams, shards),
 ]
