@@ -21,7 +21,8 @@ Loc = tuple[str | int, ...]
 def find_input_paths(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, str]]:
     """Every InputPath inside a params value, with its field path."""
     if isinstance(value, InputPath):
-        yield loc, str(value)
+        if not value.is_virtual:
+            yield loc, str(value)
     elif isinstance(value, BaseModel):
         for name in type(value).model_fields:
             yield from find_input_paths(getattr(value, name), (*loc, name))

@@ -35,11 +35,21 @@ class StepRef(str):
 
 
 class InputPath(str):
-    """A path the step reads; a relative local path is resolved against the spec file's folder."""
+    """A path the step reads; a relative local path is resolved against the spec file's folder.
+
+    A subclass may name `virtual_prefixes` (e.g. "sklearn:") for sources that are not files: such
+    values are kept as written and not fingerprinted.
+    """
+
+    virtual_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def is_virtual(self) -> bool:
+        return any(self.startswith(prefix) for prefix in self.virtual_prefixes)
 
     @classmethod
     def _resolve(cls, value: str, info: core_schema.ValidationInfo) -> InputPath:
-        if is_uri(value) or not info.context or "spec_dir" not in info.context:
+        if is_uri(value) or cls(value).is_virtual or not info.context or "spec_dir" not in info.context:
             return cls(value)
         path = Path(value).expanduser()
         if not path.is_absolute():

@@ -39,20 +39,31 @@ class RayUnavailable(PipelineError):
 # ---------------------------------------------------------------- Ray
 
 
+def _apply(fn: Any, item: Any) -> Any:
+    return fn(item)
+
+
 class RayExecutor(Executor):
-    """Fan-out inside a step: one Ray task per item."""
+    """Fan-out inside a step: one Ray task per item. `fn` (any callable, e.g. a functools.partial
+    carrying the step's data) is put in the object store once and shared by all its tasks."""
+
+    def _submit(self, fn: Any, items: Any, options: dict[str, Any]) -> list[Any]:
+        import ray
+
+        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "task")
+        remote = ray.remote(_apply).options(name=name, **options)
+        shared = ray.put(fn)
+        return [remote.remote(shared, item) for item in items]
 
     def map(self, fn: Any, items: Any, **options: Any) -> list[Any]:
         import ray
 
-        remote = ray.remote(fn).options(**options) if options else ray.remote(fn)
-        return ray.get([remote.remote(item) for item in items])
+        return ray.get(self._submit(fn, items, options))
 
     def imap_unordered(self, fn: Any, items: Any, **options: Any) -> Any:
         import ray
 
-        remote = ray.remote(fn).options(**options) if options else ray.remote(fn)
-        pending = [remote.remote(item) for item in items]
+        pending = self._submit(fn, items, options)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])

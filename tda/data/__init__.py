@@ -1,0 +1,1 @@
+"""Data sources for attribution studies, read into the project's table layouts."""

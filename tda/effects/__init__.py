@@ -1,0 +1,1 @@
+"""Ground truth by retraining: leave-group-out effects and per-subset target losses."""

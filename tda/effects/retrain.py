@@ -1,0 +1,54 @@
+"""Retraining: the actual effects that influence estimates are checked against, and the subset
+experiments that datamodels and the LDS are built from. Same objective as the model's training:
+Σ_{i kept} ℓ_i + (λ_sum/2)‖θ‖² with λ_sum fixed at the full training size."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tda.models.base import ModelFamily
+
+
+def leave_group_out(
+    family: ModelFamily,
+    theta: Tensor,
+    X: Tensor,
+    y: Tensor,
+    X_target: Tensor,
+    y_target: Tensor,
+    l2_sum: float,
+    groups: list[Tensor],
+) -> Tensor:
+    """Actual change of each target's loss when each group is removed and the model retrained
+    (warm start from θ): (m targets, G groups)."""
+    with torch.no_grad():
+        base = family.losses(theta, X_target, y_target)  # (m,)
+    out = torch.empty(len(base), len(groups), dtype=torch.float64)
+    for g, index in enumerate(groups):
+        keep = torch.ones(len(X), dtype=torch.bool)
+        keep[index] = False
+        fit = family.fit(X[keep], y[keep], l2_sum=l2_sum, init=theta)
+        with torch.no_grad():
+            out[:, g] = family.losses(fit.theta, X_target, y_target) - base
+    return out
+
+
+def subset_losses(
+    family: ModelFamily,
+    theta: Tensor,
+    X: Tensor,
+    y: Tensor,
+    X_target: Tensor,
+    y_target: Tensor,
+    l2_sum: float,
+    subsets: list[Tensor],
+    warm_start: bool = True,
+) -> Tensor:
+    """Each target's loss after training on each subset (rows of X): (J subsets, m targets)."""
+    out = torch.empty(len(subsets), len(X_target), dtype=torch.float64)
+    for j, index in enumerate(subsets):
+        fit = family.fit(X[index], y[index], l2_sum=l2_sum, init=theta if warm_start else None)
+        with torch.no_grad():
+            out[j] = family.losses(fit.theta, X_target, y_target)
+    return out

@@ -1,0 +1,143 @@
+"""The Linear Datamodeling Score (Park et al. 2023; the AirRep and TRAK evaluations).
+
+For each held-out ("eval") subset S_j and target t, the attribution predicts ĝ_j(t) = Σ_{z∈S_j} score(t, z)
+(or the mean over S_j) and the experiment measured y_j(t) = −loss_j(t) of a model trained on S_j. The LDS
+of a method for t is the Spearman ρ over j between ĝ_j(t) and y_j(t); a method's LDS is its mean over
+targets. A (target, example) pair missing from the scores (a top-k table) counts as a score of 0.
+Everything is matrix algebra: membership (J, n) times scores (n, m), then ranks and a Pearson
+correlation per column, which equals `scipy.stats.spearmanr` (average ranks for ties).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+from scipy.stats import rankdata
+
+from tda.errors import DataError, TdaError
+
+AGGREGATIONS = ("sum", "mean")
+LDS_SCHEMA = {"method": pl.String, "aggregation": pl.String, "target_id": pl.Int64, "spearman": pl.Float64}
+_METHOD_SCHEMA = {"method": pl.String, "target_id": pl.Int64, "spearman": pl.Float64}
+
+
+def lds(
+    scores: pl.DataFrame,
+    subsets: pl.DataFrame,
+    effects: pl.DataFrame,
+    aggregation: str = "sum",
+    purpose: str = "eval",
+) -> pl.DataFrame:
+    """Spearman ρ per (method, target) between predicted and measured subset effects.
+
+    Args:
+        scores: method, target_id, example_id, score (all pairs or top-k per target).
+        subsets: subset_id, example_id, purpose; only the rows of `purpose` are used.
+        effects: subset_id, target_id, loss; every (eval subset, evaluated target) needs a loss
+            (repeated measurements of a pair are averaged).
+        aggregation: "sum" or "mean" of the scores over a subset.
+        purpose: which subsets to evaluate on.
+
+    Returns:
+        method str, aggregation str, target_id int64, spearman float64 (NaN where either side is
+        constant over the subsets), for every target that has both scores and effects.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise TdaError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    _require(scores, ("method", "target_id", "example_id", "score"), "scores")
+    _require(subsets, ("subset_id", "example_id", "purpose"), "subsets")
+    _require(effects, ("subset_id", "target_id", "loss"), "effects")
+    members = subsets.filter(pl.col("purpose") == purpose).select("subset_id", "example_id").unique()
+    if members.height == 0:
+        raise DataError(f"subsets has no rows with purpose {purpose!r}; sample some or pick another purpose")
+    subset_ids = np.sort(members["subset_id"].unique().to_numpy())
+    example_ids = np.sort(members["example_id"].unique().to_numpy())
+    M = _membership(members, subset_ids, example_ids, aggregation)  # (J, n)
+    frames = []
+    for method in sorted(scores["method"].unique().to_list()):
+        frames.append(
+            _method_lds(scores.filter(pl.col("method") == method), effects, M, subset_ids, example_ids)
+        )
+    out = pl.concat(frames) if frames else pl.DataFrame(schema=_METHOD_SCHEMA)
+    return out.with_columns(pl.lit(aggregation, dtype=pl.String).alias("aggregation")).select(
+        list(LDS_SCHEMA)
+    )
+
+
+def _require(frame: pl.DataFrame, columns: tuple[str, ...], name: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{name} lacks column(s) {', '.join(missing)}; it has {', '.join(frame.columns)}")
+
+
+def _membership(
+    members: pl.DataFrame, subset_ids: np.ndarray, example_ids: np.ndarray, aggregation: str
+) -> sp.csr_matrix:
+    """M[j, i] = 1 (or 1/|S_j| for the mean) when example i is in eval subset j: sparse (J, n)."""
+    rows = np.searchsorted(subset_ids, members["subset_id"].to_numpy())
+    cols = np.searchsorted(example_ids, members["example_id"].to_numpy())
+    values = np.ones(len(rows))
+    if aggregation == "mean":
+        values = values / np.bincount(rows, minlength=len(subset_ids))[rows]
+    return sp.csr_matrix((values, (rows, cols)), shape=(len(subset_ids), len(example_ids)))
+
+
+def _method_lds(
+    scores: pl.DataFrame,
+    effects: pl.DataFrame,
+    M: sp.csr_matrix,
+    subset_ids: np.ndarray,
+    example_ids: np.ndarray,
+) -> pl.DataFrame:
+    """LDS of one method for every target it scored that has effects."""
+    method = scores["method"][0]
+    targets = np.intersect1d(
+        scores["target_id"].unique().to_numpy(), effects["target_id"].unique().to_numpy()
+    )
+    y = _measured(effects, subset_ids, targets)  # (J, m)
+    scores = scores.filter(pl.col("example_id").is_in(example_ids) & pl.col("target_id").is_in(targets))
+    if scores.select(pl.struct("target_id", "example_id").is_duplicated().any()).item():
+        raise DataError(
+            f"scores of method {method!r} repeat a (target_id, example_id) pair; keep one score each"
+        )
+    rows = np.searchsorted(example_ids, scores["example_id"].to_numpy())
+    cols = np.searchsorted(targets, scores["target_id"].to_numpy())
+    values = scores["score"].cast(pl.Float64).to_numpy()
+    S = sp.csr_matrix((values, (rows, cols)), shape=(len(example_ids), len(targets)))  # (n, m)
+    predicted = np.asarray((M @ S).todense())  # (J, m)
+    return pl.DataFrame(
+        {"method": [method] * len(targets), "target_id": targets, "spearman": spearman_columns(predicted, y)},
+        schema=_METHOD_SCHEMA,
+    )
+
+
+def _measured(effects: pl.DataFrame, subset_ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """y[j, t] = −loss of subset j on target t: (J, m); every pair must be present."""
+    rows = effects.filter(pl.col("subset_id").is_in(subset_ids) & pl.col("target_id").is_in(targets))
+    rows = rows.group_by("subset_id", "target_id").agg(pl.col("loss").cast(pl.Float64).mean())
+    j = np.searchsorted(subset_ids, rows["subset_id"].to_numpy())
+    t = np.searchsorted(targets, rows["target_id"].to_numpy())
+    y = np.full((len(subset_ids), len(targets)), np.nan)
+    y[j, t] = -rows["loss"].to_numpy()
+    if np.isnan(y).any():
+        gap_j, gap_t = np.argwhere(np.isnan(y))[0]
+        raise DataError(
+            f"effects lack the loss of eval subset {subset_ids[gap_j]} on target {targets[gap_t]} "
+            f"({int(np.isnan(y).sum())} pairs missing); measure every eval subset on every target"
+        )
+    return y
+
+
+def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman ρ between matching columns of a and b (J, m): (m,), NaN where a column is constant."""
+    return pearson_columns(rankdata(a, axis=0), rankdata(b, axis=0))
+
+
+def pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r between matching columns of a and b (J, m): (m,), NaN where a column is constant."""
+    ac, bc = a - a.mean(axis=0), b - b.mean(axis=0)
+    denom = np.sqrt((ac * ac).sum(axis=0) * (bc * bc).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(denom > 0, (ac * bc).sum(axis=0) / denom, np.nan)
+    return np.clip(r, -1.0, 1.0)

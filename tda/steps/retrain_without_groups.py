@@ -1,0 +1,78 @@
+"""`retrain_without_groups`: the ground truth of group influence, by retraining without each group."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from pipelines import StepContext, StepKind, StepParams, StepRef
+from tda.steps.common import index_groups, load_split, load_trained, set_threads
+
+
+class RetrainWithoutGroupsParams(StepParams):
+    """Retrain without each group (same objective, warm start) and measure every target's loss change."""
+
+    non_semantic = StepParams.non_semantic | {"groups_per_task", "task_cpus"}
+
+    kind: Literal["retrain_without_groups"] = "retrain_without_groups"
+    model: StepRef = Field(description="A train_model step (its family, recipe and optimum θ*).")
+    data: StepRef = Field(description="The split table the model was trained on.")
+    groups: StepRef = Field(description="A make_groups step.")
+    groups_per_task: int = Field(8, gt=0, description="Groups retrained by one Ray task.")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each retraining task.")
+
+
+def _retrain_batch(
+    batch: list[int], *, payload: dict[str, Any], num_cpus: float
+) -> tuple[list[int], np.ndarray]:
+    from tda.effects.retrain import leave_group_out
+
+    set_threads(num_cpus)
+    p = payload
+    effects = leave_group_out(
+        p["family"], p["theta"], p["X"], p["y"], p["Xt"], p["yt"], p["l2_sum"], [p["index"][g] for g in batch]
+    )
+    return batch, effects.numpy()
+
+
+def retrain_without_groups(params: RetrainWithoutGroupsParams, ctx: StepContext) -> pl.DataFrame:
+    data = load_split(ctx, params.data)
+    family, theta, meta = load_trained(ctx, params.model, data)
+    group_ids, index = index_groups(ctx.table(params.groups).collect(), data.train_ids)
+    payload = {
+        "family": family,
+        "theta": theta,
+        "X": data.X_train,
+        "y": data.y_train,
+        "Xt": data.X_target,
+        "yt": data.y_target,
+        "l2_sum": meta["l2_sum"],
+        "index": index,
+    }
+    batches = [
+        list(range(i, min(i + params.groups_per_task, len(index))))
+        for i in range(0, len(index), params.groups_per_task)
+    ]
+    work = functools.partial(_retrain_batch, payload=payload, num_cpus=params.task_cpus)
+    t0 = time.perf_counter()
+    actual = np.empty((len(data.target_ids), len(index)))
+    for batch, effects in ctx.imap_unordered(work, batches, num_cpus=params.task_cpus):
+        actual[:, batch] = effects
+    ctx.log_metrics({"seconds": time.perf_counter() - t0, "retrains": len(index)})
+    m, g = actual.shape
+    return pl.DataFrame(
+        {
+            "target_id": np.repeat(data.target_ids.astype(np.int64), g),
+            "group_id": np.tile(np.array(group_ids, dtype=object), m),
+            "actual": actual.reshape(-1),
+        },
+        schema_overrides={"group_id": pl.String},
+    )
+
+
+STEP = StepKind("retrain_without_groups", RetrainWithoutGroupsParams, retrain_without_groups, version="1")

@@ -1,0 +1,131 @@
+"""`subset_effects`: retrain on each subset and measure every target's loss (the datamodel experiments)."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from pipelines import StepContext, StepKind, StepParams, StepRef
+from tda.errors import DataError
+from tda.steps.common import load_split, load_trained, set_threads
+
+
+class SubsetEffectsParams(StepParams):
+    """Train the model's family (same recipe and objective) on each subset; record each target's loss.
+
+    Finished batches are kept in the step's scratch folder, so a re-run after a crash retrains only
+    the subsets that had not finished.
+    """
+
+    non_semantic = StepParams.non_semantic | {"subsets_per_task", "task_cpus"}
+
+    kind: Literal["subset_effects"] = "subset_effects"
+    model: StepRef = Field(description="A train_model step: its family, recipe and θ* (the warm start).")
+    data: StepRef = Field(description="The split table the model was trained on.")
+    subsets: StepRef = Field(description="A sample_subsets step.")
+    warm_start: bool = Field(True, description="Start each retraining from θ* (else from the family's init).")
+    subsets_per_task: int = Field(8, gt=0, description="Subsets trained by one Ray task.")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each training task.")
+
+
+def _train_batch(
+    batch: list[int], *, payload: dict[str, Any], num_cpus: float
+) -> tuple[list[int], np.ndarray]:
+    from tda.effects.retrain import subset_losses
+
+    set_threads(num_cpus)
+    p = payload
+    losses = subset_losses(
+        p["family"],
+        p["theta"],
+        p["X"],
+        p["y"],
+        p["Xt"],
+        p["yt"],
+        p["l2_sum"],
+        [p["index"][j] for j in batch],
+        p["warm_start"],
+    )
+    return batch, losses.numpy()
+
+
+def _subset_rows(subsets: pl.DataFrame, train_ids: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+    import torch
+
+    position = {int(e): i for i, e in enumerate(train_ids)}
+    ids, index = [], []
+    for (sid,), rows in subsets.sort("subset_id").group_by(["subset_id"], maintain_order=True):
+        missing = [int(e) for e in rows["example_id"] if int(e) not in position]
+        if missing:
+            raise DataError(
+                f"subset {sid}: example_id {missing[0]} is not in the training split; "
+                "sample the subsets from the same `data` step"
+            )
+        ids.append(int(sid))
+        index.append(torch.tensor([position[int(e)] for e in rows["example_id"]], dtype=torch.long))
+    return np.array(ids, dtype=np.int32), index
+
+
+def subset_effects(params: SubsetEffectsParams, ctx: StepContext) -> pl.DataFrame:
+    data = load_split(ctx, params.data)
+    family, theta, meta = load_trained(ctx, params.model, data)
+    subset_ids, index = _subset_rows(ctx.table(params.subsets).collect(), data.train_ids)
+    done = _finished_subsets(ctx.scratch_dir)
+    remaining = [j for j, sid in enumerate(subset_ids) if int(sid) not in done]
+    todo = [
+        remaining[i : i + params.subsets_per_task] for i in range(0, len(remaining), params.subsets_per_task)
+    ]
+    payload = {
+        "family": family,
+        "theta": theta,
+        "X": data.X_train,
+        "y": data.y_train,
+        "Xt": data.X_target,
+        "yt": data.y_target,
+        "l2_sum": meta["l2_sum"],
+        "index": index,
+        "warm_start": params.warm_start,
+    }
+    work = functools.partial(_train_batch, payload=payload, num_cpus=params.task_cpus)
+    t0 = time.perf_counter()
+    for batch, losses in ctx.imap_unordered(work, todo, num_cpus=params.task_cpus):
+        _save_batch(ctx.scratch_dir, subset_ids[batch], data.target_ids, losses)
+    seconds = time.perf_counter() - t0
+    ctx.log_metrics(
+        {
+            "seconds": seconds,
+            "subsets_trained": len(remaining),
+            "subsets_resumed": len(index) - len(remaining),
+        }
+    )
+    return pl.read_parquet(sorted(ctx.scratch_dir.glob("batch-*.parquet"))).sort(["subset_id", "target_id"])
+
+
+def _finished_subsets(scratch: Path) -> set[int]:
+    files = sorted(scratch.glob("batch-*.parquet"))
+    return set(pl.read_parquet(files, columns=["subset_id"])["subset_id"].to_list()) if files else set()
+
+
+def _save_batch(scratch: Path, subset_ids: np.ndarray, target_ids: np.ndarray, losses: np.ndarray) -> None:
+    """One Parquet file per finished batch, renamed into place (a crash loses only batches in flight)."""
+    j, m = losses.shape  # (subsets, targets)
+    frame = pl.DataFrame(
+        {
+            "subset_id": np.repeat(subset_ids, m).astype(np.int32),
+            "target_id": np.tile(target_ids.astype(np.int64), j),
+            "loss": losses.reshape(-1).astype(np.float32),
+        }
+    )
+    name = f"batch-{int(subset_ids[0]):06d}-{len(subset_ids)}"
+    tmp = scratch / f".{name}.tmp"
+    frame.write_parquet(tmp)
+    tmp.rename(scratch / f"{name}.parquet")
+
+
+STEP = StepKind("subset_effects", SubsetEffectsParams, subset_effects, version="1")

@@ -1,0 +1,1 @@
+"""Random training subsets (for datamodel experiments and LDS) and groups of training examples."""
