@@ -61,12 +61,13 @@ def group_problem(
     groups: list[Tensor],
     l2: float,
     damping: float = 0.0,
+    hvp: str = "auto",
 ) -> GroupProblem:
     """Check the groups and compute g_U for all of them from one pass of per-example gradients."""
     theta = theta.detach()
     n = X_train.shape[0]
     checked = check_groups(groups, n)
-    op = HessianOperator(family, theta, X_train, y_train, l2_sum=n * l2, n=n, damping=damping)
+    op = HessianOperator(family, theta, X_train, y_train, l2_sum=n * l2, n=n, damping=damping, hvp=hvp)
     rows = torch.cat(checked)  # (Σ|U|,)
     unique, inverse = torch.unique(rows, return_inverse=True)
     with torch.no_grad():
@@ -119,6 +120,7 @@ def group_influence(
     newton: bool = True,
     newton_dense_max_d: int = NEWTON_DENSE_MAX_D,
     info: dict[str, Any] | None = None,
+    hvp: str = "auto",
     **solver_options: Any,
 ) -> dict[str, Tensor]:
     """Predicted effect of removing each group on each target's loss.
@@ -135,6 +137,7 @@ def group_influence(
         newton: also compute the one-step Newton reference.
         newton_dense_max_d: Newton systems are solved densely up to this d, by block CG above it.
         info: if given, filled with seconds per stage and the solver's info.
+        hvp: "auto", "dense" or "matrix_free" products with H̄ (see `HessianOperator`).
 
     Returns:
         (m, G) float64 matrices under "if-order1", "if-order2", "newton" (those requested).
@@ -145,7 +148,7 @@ def group_influence(
     _check_orders(orders, newton)
     info = info if info is not None else {}
     start = time.perf_counter()
-    prob = group_problem(family, theta, X_train, y_train, groups, l2, damping)
+    prob = group_problem(family, theta, X_train, y_train, groups, l2, damping, hvp)
     with torch.no_grad():
         T = family.per_example_grads(prob.theta, X_target, y_target).to(prob.theta.dtype)  # (m, d)
     info["seconds_grads"] = time.perf_counter() - start
@@ -198,12 +201,13 @@ def parameter_changes(
     damping: float = 0.0,
     newton: bool = True,
     newton_dense_max_d: int = NEWTON_DENSE_MAX_D,
+    hvp: str = "auto",
     **solver_options: Any,
 ) -> dict[str, Tensor]:
     """The estimated Δθ (removing each group) per method: (G, d) under "if-order1", "if-order2",
     "newton". Arguments as in `group_influence`; second order costs a second block solve here."""
     _check_orders(orders, newton)
-    prob = group_problem(family, theta, X_train, y_train, groups, l2, damping)
+    prob = group_problem(family, theta, X_train, y_train, groups, l2, damping, hvp)
     out: dict[str, Tensor] = {}
     if orders:
         out.update(_influence_changes(prob, orders, InverseHVP(prob.op, solver, **solver_options), {}))

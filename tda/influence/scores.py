@@ -48,6 +48,7 @@ def example_scores(
     damping: float = 0.0,
     block_size: int = 256,
     top_k: int | None = None,
+    hvp: str = "auto",
     **solver_options: Any,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Score every training example for every target with one method.
@@ -61,6 +62,7 @@ def example_scores(
         damping: δ ≥ 0 added to H̄ by the influence methods.
         block_size: targets scored at once; a (block_size, n) matrix is the largest held.
         top_k: keep only the k highest scores per target (None = all pairs).
+        hvp: "auto", "dense" or "matrix_free" products with H̄ (see `HessianOperator`).
         **solver_options: options of the influence method's solver (see `tda.influence.solvers`).
 
     Returns:
@@ -77,7 +79,9 @@ def example_scores(
         T = family.per_example_grads(theta.detach(), X_target, y_target).to(theta.dtype)  # (m, d)
     info: dict[str, Any] = {"method": method, "n_train": n, "n_targets": m, "iterations": 0, "residual": 0.0}
     info["seconds_grads"] = time.perf_counter() - start
-    score_block = _block_scorer(method, family, theta, X_train, y_train, l2, damping, G, info, solver_options)
+    score_block = _block_scorer(
+        method, family, theta, X_train, y_train, l2, damping, G, info, {**solver_options, "hvp": hvp}
+    )
     frames = []
     for lo in range(0, m, block_size):
         S = score_block(T[lo : lo + block_size])  # (b, n)
@@ -128,8 +132,10 @@ def _block_scorer(
         G_unit = F.normalize(G, dim=1)  # (n, d); zero rows stay zero
         return lambda Tb: (F.normalize(Tb, dim=1) @ G_unit.T).clamp(-1.0, 1.0)
     n = X_train.shape[0]
-    op = HessianOperator(family, theta, X_train, y_train, l2_sum=n * l2, n=n, damping=damping)
-    inverse = InverseHVP(op, _SOLVER_OF[method], **solver_options)
+    options = dict(solver_options)
+    hvp = options.pop("hvp", "auto")
+    op = HessianOperator(family, theta, X_train, y_train, l2_sum=n * l2, n=n, damping=damping, hvp=hvp)
+    inverse = InverseHVP(op, _SOLVER_OF[method], **options)
 
     def influence(Tb: Tensor) -> Tensor:
         S, solved = inverse(Tb.T)  # (d, b): A⁻¹ ∇ℓ_t

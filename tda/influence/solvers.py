@@ -62,6 +62,10 @@ class FunctionOperator:
             return self.fn(V)
 
 
+HVP_MODES = ("auto", "dense", "matrix_free")
+DENSE_HVP_MAX_D = 4096
+
+
 class HessianOperator:
     """A = (Σ_i ∇²ℓ(z_i, θ) + λ_sum I) / n + δ I over the training rows (X, y), applied without a graph.
 
@@ -72,6 +76,10 @@ class HessianOperator:
         l2_sum: λ_sum = n_full · l2, the regulariser of the objective.
         n: the training-set size that H̄ is a mean over (default: the rows of X).
         damping: δ ≥ 0 added to the diagonal.
+        hvp: how full-batch products are formed: "matrix_free" (the family's HVP every time),
+            "dense" (Σ∇²ℓ built once, then a (d, d) matmul per product), or "auto" (dense when
+            d ≤ 4096, i.e. at most 128 MiB, where building it costs about as much as a few block HVPs).
+            Minibatch products (`rows`) are always matrix-free.
     """
 
     def __init__(
@@ -83,13 +91,18 @@ class HessianOperator:
         l2_sum: float,
         n: int | None = None,
         damping: float = 0.0,
+        hvp: str = "auto",
     ) -> None:
+        if hvp not in HVP_MODES:
+            raise InfluenceError(f"hvp must be one of {', '.join(HVP_MODES)}, got {hvp!r}")
         if damping < 0:
             raise InfluenceError(f"damping must be >= 0, got {damping}; use 0 for none or e.g. 1e-3")
         self.family, self.theta, self.X, self.y = family, theta.detach(), X, y
         self.l2_sum, self.damping = float(l2_sum), float(damping)
         self.n = int(n if n is not None else X.shape[0])
         self.dim, self.dtype = self.theta.shape[0], self.theta.dtype
+        self.use_dense = hvp == "dense" or (hvp == "auto" and self.dim <= DENSE_HVP_MAX_D)
+        self._hessian_sum: Tensor | None = None
 
     @property
     def shift(self) -> float:
@@ -99,18 +112,26 @@ class HessianOperator:
     def matvec(self, V: Tensor, rows: Tensor | None = None) -> Tensor:
         """A V for V (d,) or (d, k); with `rows`, the Hessian sum is estimated from those rows only."""
         with torch.no_grad():
-            if rows is None:
+            if rows is None and self.use_dense:
+                HV = self.hessian_sum() @ V
+            elif rows is None:
                 HV = self.family.hvp(self.theta, self.X, self.y, V)
             else:
                 HV = self.family.hvp(self.theta, self.X[rows], self.y[rows], V)
                 HV = HV * (self.X.shape[0] / rows.numel())  # estimate of the sum over all rows
             return HV / self.n + self.shift * V
 
+    def hessian_sum(self) -> Tensor:
+        """Σ_i ∇²ℓ_i over the training rows, (d, d), built once."""
+        if self._hessian_sum is None:
+            with torch.no_grad():
+                self._hessian_sum = self.family.hessian(self.theta, self.X, self.y)
+        return self._hessian_sum
+
     def dense(self) -> Tensor:
         """A as a dense (d, d) matrix."""
-        with torch.no_grad():
-            H = self.family.hessian(self.theta, self.X, self.y)  # (d, d)
-            return H / self.n + self.shift * torch.eye(self.dim, dtype=H.dtype)
+        H = self.hessian_sum()  # (d, d)
+        return H / self.n + self.shift * torch.eye(self.dim, dtype=H.dtype)
 
 
 # --- exact -------------------------------------------------------------------------------------------

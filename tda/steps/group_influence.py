@@ -28,6 +28,9 @@ class GroupInfluenceParams(StepParams):
     )
     solver: Literal["exact", "cg", "lissa"] = Field("exact", description="Inverse-HVP solver for H̄.")
     damping: float = damping_field()
+    hvp: Literal["auto", "dense", "matrix_free"] = Field(
+        "auto", description="Products with H̄: dense = Σ∇²ℓ built once (d ≤ 4096 under auto), else the HVP."
+    )
 
 
 def group_influence_step(params: GroupInfluenceParams, ctx: StepContext) -> pl.DataFrame:
@@ -51,6 +54,7 @@ def group_influence_step(params: GroupInfluenceParams, ctx: StepContext) -> pl.D
         solver=params.solver,
         damping=params.damping,
         newton=params.newton,
+        hvp=params.hvp,
     )
     ctx.log_metric("seconds", time.perf_counter() - t0)
     frames = [_long(method, matrix.numpy(), data.target_ids, group_ids) for method, matrix in effects.items()]

@@ -27,6 +27,9 @@ class InfluenceScoresParams(StepParams):
         None, gt=0, description="Keep the k highest scores per target (null = all pairs)."
     )
     block_size: int = Field(256, gt=0, description="Targets scored per block (memory: block × n_train).")
+    hvp: Literal["auto", "dense", "matrix_free"] = Field(
+        "auto", description="Products with H̄: dense = Σ∇²ℓ built once (d ≤ 4096 under auto), else the HVP."
+    )
     cg_tol: float = Field(1e-10, gt=0, description="if-cg: relative residual tolerance.")
     cg_max_iter: int = Field(1000, gt=0, description="if-cg: most iterations.")
     lissa_depth: int = Field(1000, gt=0, description="if-lissa: recursion depth.")
@@ -75,6 +78,7 @@ def influence_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.Data
         damping=params.damping,
         block_size=params.block_size,
         top_k=params.top_k,
+        hvp=params.hvp,
         **_solver_options(params),
     )
     seconds = time.perf_counter() - t0
