@@ -79,10 +79,10 @@ class TestInvalid:
 
     def test_unknown_kind_suggests_closest(self, write_spec):
         errs = errors_of(write_spec, GOOD.replace("kind: numbers", "kind: numbrs"))
-        assert errs == [
-            "SPEC:6:5: steps.base.kind: unknown step kind 'numbrs'; did you mean 'numbers'? "
-            "known kinds: add, crash_once, fail_while, fanout, numbers, read, shards, sleepy, sql"
-        ]
+        assert len(errs) == 1
+        head, known = errs[0].split(" known kinds: ")
+        assert head == "SPEC:6:5: steps.base.kind: unknown step kind 'numbrs'; did you mean 'numbers'?"
+        assert {"add", "numbers", "read", "sql"} <= set(known.split(", "))
 
     def test_unknown_field(self, write_spec):
         errs = errors_of(write_spec, GOOD.replace("    amount: 2", "    amout: 2"))
