@@ -11,27 +11,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
-
 from pipelines.errors import SpecError
-from pipelines.params import StepRef
+from pipelines.params import StepRef, find_values
 
 Loc = tuple[str | int, ...]
 
 
-def find_refs(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, str]]:
+def find_refs(value: Any) -> Iterator[tuple[Loc, str]]:
     """Every StepRef inside a params value, with its field path: (('inputs', 1), 'corpus')."""
-    if isinstance(value, StepRef):
-        yield loc, str(value)
-    elif isinstance(value, BaseModel):
-        for name in type(value).model_fields:
-            yield from find_refs(getattr(value, name), (*loc, name))
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from find_refs(item, (*loc, key))
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            yield from find_refs(item, (*loc, i))
+    return ((loc, str(ref)) for loc, ref in find_values(value, StepRef))
 
 
 @dataclass(frozen=True)

@@ -10,28 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from pipelines.errors import SpecError
-from pipelines.params import InputPath, is_uri
+from pipelines.params import InputPath, find_values, is_uri
 
 Loc = tuple[str | int, ...]
 
 
-def find_input_paths(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, str]]:
-    """Every InputPath inside a params value, with its field path."""
-    if isinstance(value, InputPath):
-        if not value.is_virtual:
-            yield loc, str(value)
-    elif isinstance(value, BaseModel):
-        for name in type(value).model_fields:
-            yield from find_input_paths(getattr(value, name), (*loc, name))
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from find_input_paths(item, (*loc, key))
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            yield from find_input_paths(item, (*loc, i))
+def find_input_paths(value: Any) -> Iterator[tuple[Loc, str]]:
+    """Every InputPath inside a params value that names a real file or folder, with its field path."""
+    return ((loc, str(path)) for loc, path in find_values(value, InputPath) if not path.is_virtual)
 
 
 def _local_entries(path: Path) -> list[str]:

@@ -10,11 +10,29 @@
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import PydanticCustomError, core_schema
+
+Loc = tuple[str | int, ...]
+
+
+def find_values(value: Any, cls: type, loc: Loc = ()) -> Iterator[tuple[Loc, Any]]:
+    """Every instance of `cls` inside a params value (models, dicts, lists), with its field path."""
+    if isinstance(value, cls):
+        yield loc, value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from find_values(getattr(value, name), cls, (*loc, name))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from find_values(item, cls, (*loc, key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from find_values(item, cls, (*loc, i))
 
 
 def is_uri(path: str) -> bool:

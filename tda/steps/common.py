@@ -84,20 +84,21 @@ def set_threads(num_cpus: float) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def index_groups(groups: pl.DataFrame, train_ids: np.ndarray) -> tuple[list[str], list[torch.Tensor]]:
-    """Group ids and, per group, the row positions of its members in the training split."""
+def index_members(
+    table: pl.DataFrame, key: str, train_ids: np.ndarray, what: str
+) -> tuple[list[Any], list[torch.Tensor]]:
+    """Values of `key` (sorted) and, per value, the row positions of its `example_id`s in the training
+    split: for groups (key group_id) and subsets (key subset_id)."""
     import torch
 
-    position = {int(e): i for i, e in enumerate(train_ids)}
-    ids, index = [], []
-    for (gid,), members in groups.sort("group_id").group_by(["group_id"], maintain_order=True):
-        missing = [int(e) for e in members["example_id"] if int(e) not in position]
-        if missing:
-            raise DataError(
-                f"group {gid!r}: example_id {missing[0]} (and {len(missing) - 1} more) "
-                "is not in the training "
-                "split; build the groups from the same `data` step"
-            )
-        ids.append(str(gid))
-        index.append(torch.tensor([position[int(e)] for e in members["example_id"]], dtype=torch.long))
-    return ids, index
+    positions = pl.DataFrame({"example_id": train_ids.astype(np.int64), "_row": np.arange(len(train_ids))})
+    joined = table.select(key, "example_id").join(positions, on="example_id", how="left")
+    missing = joined.filter(pl.col("_row").is_null())
+    if missing.height:
+        first = missing.row(0, named=True)
+        raise DataError(
+            f"{what} {first[key]!r}: example_id {first['example_id']} (and {missing.height - 1} more) is not "
+            f"in the training split; build the {what}s from the same `data` step"
+        )
+    members = joined.group_by(key, maintain_order=True).agg(pl.col("_row")).sort(key)
+    return members[key].to_list(), [torch.tensor(rows, dtype=torch.long) for rows in members["_row"]]

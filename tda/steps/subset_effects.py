@@ -12,8 +12,7 @@ import polars as pl
 from pydantic import Field
 
 from pipelines import StepContext, StepKind, StepParams, StepRef
-from tda.errors import DataError
-from tda.steps.common import load_split, load_trained, set_threads
+from tda.steps.common import index_members, load_split, load_trained, set_threads
 
 
 class SubsetEffectsParams(StepParams):
@@ -55,27 +54,11 @@ def _train_batch(
     return batch, losses.numpy()
 
 
-def _subset_rows(subsets: pl.DataFrame, train_ids: np.ndarray) -> tuple[np.ndarray, list[Any]]:
-    import torch
-
-    position = {int(e): i for i, e in enumerate(train_ids)}
-    ids, index = [], []
-    for (sid,), rows in subsets.sort("subset_id").group_by(["subset_id"], maintain_order=True):
-        missing = [int(e) for e in rows["example_id"] if int(e) not in position]
-        if missing:
-            raise DataError(
-                f"subset {sid}: example_id {missing[0]} is not in the training split; "
-                "sample the subsets from the same `data` step"
-            )
-        ids.append(int(sid))
-        index.append(torch.tensor([position[int(e)] for e in rows["example_id"]], dtype=torch.long))
-    return np.array(ids, dtype=np.int32), index
-
-
 def subset_effects(params: SubsetEffectsParams, ctx: StepContext) -> pl.DataFrame:
     data = load_split(ctx, params.data)
     family, theta, meta = load_trained(ctx, params.model, data)
-    subset_ids, index = _subset_rows(ctx.table(params.subsets).collect(), data.train_ids)
+    ids, index = index_members(ctx.table(params.subsets).collect(), "subset_id", data.train_ids, "subset")
+    subset_ids = np.array(ids, dtype=np.int32)
     done = _finished_subsets(ctx.scratch_dir)
     remaining = [j for j, sid in enumerate(subset_ids) if int(sid) not in done]
     todo = [
