@@ -24,6 +24,7 @@ def split_table(
     stratify_by: str | None = None,
     n_train: int | None = None,
     seed: int = 0,
+    target_ids: list[int] | None = None,
 ) -> pl.DataFrame:
     """Add `split` ∈ {train, target}: a random (optionally stratified) set of targets.
 
@@ -31,6 +32,8 @@ def split_table(
     e.g. 1000 train / 200 targets of a larger data set.
     """
     n = table.height
+    if target_ids is not None:
+        return _explicit_targets(table, target_ids)
     k = n_targets if n_targets is not None else round((target_fraction or 0.0) * n)
     if not 0 < k < n:
         raise DataError(
@@ -58,6 +61,21 @@ def split_table(
         split[drop] = None
     out = table.with_columns(pl.Series("split", split.tolist(), dtype=pl.String))
     return out.filter(pl.col("split").is_not_null())
+
+
+def _explicit_targets(table: pl.DataFrame, target_ids: list[int]) -> pl.DataFrame:
+    """Mark the given example ids as targets; every id must be in the table."""
+    known = set(table["example_id"].to_list())
+    missing = [t for t in target_ids if t not in known]
+    if missing:
+        raise DataError(
+            f"split: target example_id {missing[0]} (and {len(missing) - 1} more) is not in the data; "
+            "list ids that the corpus or table has"
+        )
+    is_target = pl.col("example_id").is_in(list(target_ids))
+    return table.with_columns(
+        pl.when(is_target).then(pl.lit("target")).otherwise(pl.lit("train")).alias("split")
+    )
 
 
 def _pick(strata: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

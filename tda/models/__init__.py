@@ -1,4 +1,4 @@
-"""Model families (least squares, logistic regression, MLP) and their on-disk form.
+"""Model families (least squares, logistic regression, MLP, causal LM) and their on-disk form.
 
 A saved model is a folder:
 
@@ -19,12 +19,14 @@ from torch import Tensor
 
 from tda.errors import ModelError
 from tda.models.base import FitResult, ModelFamily
+from tda.models.causal_lm import CausalLM
 from tda.models.least_squares import LeastSquares
 from tda.models.logistic import LogisticRegression
 from tda.models.mlp import MLP
 
 __all__ = [
     "FAMILIES",
+    "CausalLM",
     "MLP",
     "FitResult",
     "LeastSquares",
@@ -36,6 +38,7 @@ __all__ = [
 ]
 
 FAMILIES: dict[str, type[ModelFamily]] = {
+    "causal_lm": CausalLM,
     "least_squares": LeastSquares,
     "logistic_regression": LogisticRegression,
     "mlp": MLP,

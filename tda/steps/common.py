@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,10 +44,12 @@ class Split:
         return len(self.train_ids)
 
 
-def load_split(ctx: StepContext, data: str) -> Split:
-    """The split table of step `data` (tabular layout + `split`) as tensors."""
-    from tda.data.tabular import tabular_tensors
+Encoder = Callable[[list[str], list[str]], tuple["torch.Tensor", "torch.Tensor"]]
 
+
+def load_split(ctx: StepContext, data: str, encode: Encoder | None = None) -> Split:
+    """The split table of step `data` as tensors: tabular features and labels, or, for a text corpus
+    (prompt/response columns), the token ids and response-only labels that `encode` makes."""
     table = ctx.table(data).collect()
     if "split" not in table.columns:
         raise DataError(
@@ -54,25 +58,46 @@ def load_split(ctx: StepContext, data: str) -> Split:
         )
     train = table.filter(pl.col("split") == "train").sort("example_id")
     target = table.filter(pl.col("split") == "target").sort("example_id")
+    if "prompt" in table.columns:
+        if encode is None:
+            raise DataError(
+                f"step {data!r} is a text corpus; train a `causal_lm` model (with a tokenizer) on it"
+            )
+        X_train, y_train = encode(train["prompt"].to_list(), train["response"].to_list())
+        X_target, y_target = encode(target["prompt"].to_list(), target["response"].to_list())
+        train_ids, target_ids = train["example_id"].to_numpy(), target["example_id"].to_numpy()
+        return Split(train_ids, X_train, y_train, target_ids, X_target, y_target, train)
+    from tda.data.tabular import tabular_tensors
+
     train_ids, X_train, y_train = tabular_tensors(train)
     target_ids, X_target, y_target = tabular_tensors(target)
     return Split(train_ids.numpy(), X_train, y_train, target_ids.numpy(), X_target, y_target, train)
 
 
-def load_trained(
-    ctx: StepContext, model: str, split: Split | None = None
-) -> tuple[Any, torch.Tensor, dict[str, Any]]:
-    """(family, θ, meta) of a `train_model` step; checks it was trained on this split's train rows."""
+def text_encoder(tokenizer_dir: Path, max_len: int) -> Encoder:
+    """Prompt/response pairs → (input ids, response-only labels) with a saved tokenizer."""
+    from tda.models.tokenizer import encode_examples, load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return lambda prompts, responses: encode_examples(tokenizer, prompts, responses, max_len)
+
+
+def trained_split(ctx: StepContext, model: str, data: str) -> tuple[Split, Any, torch.Tensor, dict[str, Any]]:
+    """(split, family, θ, meta): a `train_model` step's model and the data it was trained on, encoded the
+    way it was trained (its tokenizer for a language model); checks the training rows match."""
     from tda.models import load_model
 
-    family, theta, meta = load_model(ctx.input(model).model_dir)
-    if split is not None and meta.get("n_train") != split.n:
+    folder = ctx.input(model).model_dir
+    family, theta, meta = load_model(folder)
+    encode = text_encoder(folder / meta["tokenizer"], meta["max_len"]) if meta.get("tokenizer") else None
+    split = load_split(ctx, data, encode)
+    if meta.get("n_train") != split.n:
         raise ModelError(
             f"step {model!r} was trained on {meta.get('n_train')} rows "
             f"but the data has {split.n} train rows; "
             "give both steps the same `data`"
         )
-    return family, theta, meta
+    return split, family, theta, meta
 
 
 def set_threads(num_cpus: float) -> None:

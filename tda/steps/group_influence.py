@@ -10,7 +10,7 @@ import polars as pl
 from pydantic import Field
 
 from pipelines import StepContext, StepKind, StepParams, StepRef
-from tda.steps.common import damping_field, index_members, load_split, load_trained, set_threads
+from tda.steps.common import damping_field, index_members, set_threads, trained_split
 
 ORDER = {"if-order1": 1, "if-order2": 2, "newton": 0}
 
@@ -37,8 +37,7 @@ def group_influence_step(params: GroupInfluenceParams, ctx: StepContext) -> pl.D
     from tda.influence import group_influence
 
     set_threads(params.resources.num_cpus)
-    data = load_split(ctx, params.data)
-    family, theta, meta = load_trained(ctx, params.model, data)
+    data, family, theta, meta = trained_split(ctx, params.model, params.data)
     group_ids, index = index_members(ctx.table(params.groups).collect(), "group_id", data.train_ids, "group")
     t0 = time.perf_counter()
     effects = group_influence(

@@ -9,7 +9,7 @@ import polars as pl
 from pydantic import Field
 
 from pipelines import StepContext, StepKind, StepParams, StepRef
-from tda.steps.common import damping_field, load_split, load_trained, set_threads
+from tda.steps.common import damping_field, set_threads, trained_split
 
 
 class InfluenceScoresParams(StepParams):
@@ -61,8 +61,7 @@ def influence_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.Data
     from tda.influence import example_scores
 
     set_threads(params.resources.num_cpus)
-    data = load_split(ctx, params.data)
-    family, theta, meta = load_trained(ctx, params.model, data)
+    data, family, theta, meta = trained_split(ctx, params.model, params.data)
     t0 = time.perf_counter()
     frame, info = example_scores(
         params.method,

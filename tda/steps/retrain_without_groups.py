@@ -11,7 +11,7 @@ import polars as pl
 from pydantic import Field
 
 from pipelines import StepContext, StepKind, StepParams, StepRef
-from tda.steps.common import index_members, load_split, load_trained, set_threads
+from tda.steps.common import index_members, set_threads, trained_split
 
 
 class RetrainWithoutGroupsParams(StepParams):
@@ -41,8 +41,7 @@ def _retrain_batch(
 
 
 def retrain_without_groups(params: RetrainWithoutGroupsParams, ctx: StepContext) -> pl.DataFrame:
-    data = load_split(ctx, params.data)
-    family, theta, meta = load_trained(ctx, params.model, data)
+    data, family, theta, meta = trained_split(ctx, params.model, params.data)
     group_ids, index = index_members(ctx.table(params.groups).collect(), "group_id", data.train_ids, "group")
     payload = {
         "family": family,

@@ -16,6 +16,9 @@ class SplitParams(StepParams):
     kind: Literal["split"] = "split"
     data: StepRef = Field(description="The table to split.")
     n_targets: int | None = Field(None, gt=0, description="How many target rows.")
+    target_ids: list[int] | None = Field(
+        None, min_length=1, description="Or: these example ids are the targets."
+    )
     target_fraction: float | None = Field(
         None, gt=0, lt=1, description="Or: the fraction of rows that are targets."
     )
@@ -29,8 +32,8 @@ class SplitParams(StepParams):
 
     @model_validator(mode="after")
     def _one_size(self) -> SplitParams:
-        if (self.n_targets is None) == (self.target_fraction is None):
-            raise ValueError("give exactly one of n_targets and target_fraction")
+        if sum(x is not None for x in (self.n_targets, self.target_fraction, self.target_ids)) != 1:
+            raise ValueError("give exactly one of n_targets, target_fraction and target_ids")
         return self
 
 
@@ -44,6 +47,7 @@ def split(params: SplitParams, ctx: StepContext) -> pl.DataFrame:
         params.stratify_by,
         params.n_train,
         params.seed or 0,
+        params.target_ids,
     )
     ctx.log_metrics(
         {"train": int((table["split"] == "train").sum()), "targets": int((table["split"] == "target").sum())}

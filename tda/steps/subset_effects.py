@@ -12,7 +12,7 @@ import polars as pl
 from pydantic import Field
 
 from pipelines import StepContext, StepKind, StepParams, StepRef
-from tda.steps.common import index_members, load_split, load_trained, set_threads
+from tda.steps.common import index_members, set_threads, trained_split
 
 
 class SubsetEffectsParams(StepParams):
@@ -29,6 +29,10 @@ class SubsetEffectsParams(StepParams):
     data: StepRef = Field(description="The split table the model was trained on.")
     subsets: StepRef = Field(description="A sample_subsets step.")
     warm_start: bool = Field(True, description="Start each retraining from θ* (else from the family's init).")
+    recipe: dict[str, float | int] = Field(
+        default_factory=dict,
+        description="Overrides of the model's training recipe for these runs (e.g. {epochs: 2}).",
+    )
     subsets_per_task: int = Field(8, gt=0, description="Subsets trained by one Ray task.")
     task_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each training task.")
 
@@ -55,9 +59,11 @@ def _train_batch(
 
 
 def subset_effects(params: SubsetEffectsParams, ctx: StepContext) -> pl.DataFrame:
-    data = load_split(ctx, params.data)
-    family, theta, meta = load_trained(ctx, params.model, data)
-    ids, index = index_members(ctx.table(params.subsets).collect(), "subset_id", data.train_ids, "subset")
+    data, family, theta, meta = trained_split(ctx, params.model, params.data)
+    if params.recipe:
+        family = _with_recipe(family, params.recipe)
+    subsets = ctx.table(params.subsets).filter(pl.col("purpose") != "target").collect()  # AirRep targets
+    ids, index = index_members(subsets, "subset_id", data.train_ids, "subset")
     subset_ids = np.array(ids, dtype=np.int32)
     done = _finished_subsets(ctx.scratch_dir)
     remaining = [j for j, sid in enumerate(subset_ids) if int(sid) not in done]
@@ -80,14 +86,59 @@ def subset_effects(params: SubsetEffectsParams, ctx: StepContext) -> pl.DataFram
     for batch, losses in ctx.imap_unordered(work, todo, num_cpus=params.task_cpus):
         _save_batch(ctx.scratch_dir, subset_ids[batch], data.target_ids, losses)
     seconds = time.perf_counter() - t0
+    effects = pl.read_parquet(sorted(ctx.scratch_dir.glob("batch-*.parquet"))).sort(
+        ["subset_id", "target_id"]
+    )
+    _save_base_losses(family, theta, data, ctx.output_dir / "base_losses.parquet")
     ctx.log_metrics(
         {
             "seconds": seconds,
             "subsets_trained": len(remaining),
             "subsets_resumed": len(index) - len(remaining),
+            "subsets_per_minute": 60 * len(remaining) / seconds if remaining else 0.0,
+            **_signal(ctx, params, subsets, effects),
         }
     )
-    return pl.read_parquet(sorted(ctx.scratch_dir.glob("batch-*.parquet"))).sort(["subset_id", "target_id"])
+    return effects
+
+
+def _with_recipe(family: Any, recipe: dict[str, float | int]) -> Any:
+    from tda.errors import ModelError
+
+    config = family.config()
+    unknown = sorted(set(recipe) - set(config) - {"family"})
+    if unknown:
+        raise ModelError(
+            f"recipe: {family.name} has no setting {unknown[0]!r}; it has {', '.join(sorted(config))}"
+        )
+    return type(family).from_config({**config, **recipe})
+
+
+def _save_base_losses(family: Any, theta: Any, data: Any, path: Path) -> None:
+    """The base model's loss on every target (for normalising effects), beside the effects table."""
+    import torch
+
+    with torch.no_grad():
+        losses = family.losses(theta, data.X_target, data.y_target).numpy()
+    pl.DataFrame(
+        {"target_id": data.target_ids.astype(np.int64), "loss": losses.astype(np.float32)}
+    ).write_parquet(path)
+
+
+def _signal(
+    ctx: StepContext, params: SubsetEffectsParams, subsets: pl.DataFrame, effects: pl.DataFrame
+) -> dict:
+    """Mean same-group signal over targets, when the data has a `group` column."""
+    from tda.evaluation.signal import same_group_signal
+
+    table = ctx.table(params.data)
+    if "group" not in table.collect_schema().names():
+        return {}
+    groups = table.select("example_id", "group").drop_nulls().collect()
+    if groups.is_empty():
+        return {}
+    rho = same_group_signal(subsets.select("subset_id", "example_id"), effects, groups)["spearman"]
+    return {"same_group_signal": float(rho.drop_nans().mean() or float("nan"))}
 
 
 def _finished_subsets(scratch: Path) -> set[int]:

@@ -1,35 +1,58 @@
-"""`train_model`: fit a model family on the training rows of a split table → a model artifact."""
+"""`train_model`: fit a model family on the training rows of a split table → a model artifact.
+
+Tabular families (logistic regression, MLP) minimise Σℓ + (n·l2/2)‖θ‖² with L-BFGS to a gradient-norm
+tolerance; the causal LM family trains with AdamW (weight decay l2) for `epochs` passes, on the
+response tokens of prompt/response pairs encoded with a `train_tokenizer` step's tokenizer.
+"""
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from pipelines import StepContext, StepKind, StepParams, StepRef
-from tda.steps.common import l2_field, load_split, set_threads
+from pipelines import InputPath, StepContext, StepKind, StepParams, StepRef
+from tda.steps.common import l2_field, load_split, set_threads, text_encoder
 
-Family = Literal["logistic_regression", "mlp"]
+Family = Literal["logistic_regression", "mlp", "causal_lm"]
 
 
 class TrainModelParams(StepParams):
-    """Train a model on the `train` rows: L-BFGS on Σℓ + (n·l2/2)‖θ‖² to a gradient-norm tolerance."""
+    """Train a model on the `train` rows of a split table (tabular or text corpus)."""
 
     kind: Literal["train_model"] = "train_model"
-    data: StepRef = Field(description="A split table (tabular layout + `split`).")
+    data: StepRef = Field(description="A split table (tabular layout or corpus, with `split`).")
     family: Family = Field("logistic_regression", description="The model family.")
     l2: float = l2_field()
     hidden: list[int] = Field(default_factory=lambda: [32], description="mlp: hidden layer widths.")
-    activation: Literal["tanh", "gelu"] = Field(
-        "tanh", description="mlp: activation (smooth, so Hessians exist)."
+    activation: Literal["tanh", "gelu"] = Field("tanh", description="mlp: activation (smooth).")
+    tol: float = Field(1e-10, gt=0, description="Tabular: stop when ‖∇L‖∞ ≤ tol · max(1, n).")
+    max_iter: int = Field(10_000, gt=0, description="Tabular: most L-BFGS iterations.")
+    tokenizer: StepRef | None = Field(None, description="causal_lm: a train_tokenizer step.")
+    architecture: Literal["gpt2", "llama"] = Field("gpt2", description="causal_lm: the transformer built.")
+    n_layer: int = Field(2, gt=0, description="causal_lm: transformer blocks.")
+    n_embd: int = Field(64, gt=0, description="causal_lm: width.")
+    n_head: int = Field(2, gt=0, description="causal_lm: attention heads.")
+    max_len: int = Field(128, gt=1, description="causal_lm: tokens per example (longer ones are cut).")
+    epochs: int = Field(3, gt=0, description="causal_lm: passes over the training rows.")
+    lr: float = Field(3e-4, gt=0, description="causal_lm: AdamW learning rate.")
+    batch_size: int = Field(16, gt=0, description="causal_lm: examples per optimiser step.")
+    pretrained: InputPath | None = Field(
+        None,
+        description="causal_lm: start from a local transformers causal-LM folder instead of a new model.",
     )
-    tol: float = Field(1e-10, gt=0, description="Stop when ‖∇L‖∞ ≤ tol · max(1, n).")
-    max_iter: int = Field(10_000, gt=0, description="Most L-BFGS iterations.")
-    seed: int | None = Field(None, description="Initialisation seed (mlp; null = the spec's seed).")
+    seed: int | None = Field(None, description="Initialisation and data-order seed (null = the spec's seed).")
+
+    @model_validator(mode="after")
+    def _lm_needs_tokenizer(self) -> TrainModelParams:
+        if self.family == "causal_lm" and self.tokenizer is None:
+            raise ValueError("family causal_lm needs `tokenizer:` (a train_tokenizer step)")
+        return self
 
 
-def build_family(params: TrainModelParams, n_features: int, n_classes: int):  # noqa: ANN201
+def build_family(params: TrainModelParams, n_features: int, n_classes: int) -> Any:
     from tda.models import MLP, LogisticRegression
 
     if params.family == "mlp":
@@ -45,43 +68,71 @@ def build_family(params: TrainModelParams, n_features: int, n_classes: int):  # 
     return LogisticRegression(n_features, n_classes, tol=params.tol, max_iter=params.max_iter)
 
 
-def train_model(params: TrainModelParams, ctx: StepContext) -> None:
-    import torch
+def build_lm(params: TrainModelParams, tokenizer: Any) -> Any:
+    from tda.models.causal_lm import CausalLM
 
+    return CausalLM(
+        architecture=params.architecture,
+        vocab_size=len(tokenizer),
+        n_layer=params.n_layer,
+        n_embd=params.n_embd,
+        n_head=params.n_head,
+        n_positions=params.max_len,
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        epochs=params.epochs,
+        lr=params.lr,
+        batch_size=params.batch_size,
+        seed=params.seed or 0,
+        pretrained=str(params.pretrained) if params.pretrained else None,
+    )
+
+
+def train_model(params: TrainModelParams, ctx: StepContext) -> None:
     from tda.models import save_model
 
     set_threads(params.resources.num_cpus)
-    data = load_split(ctx, params.data)
-    n_classes = int(torch.cat([data.y_train, data.y_target]).max()) + 1
-    family = build_family(params, data.X_train.shape[1], n_classes)
+    meta: dict[str, Any] = {"l2": params.l2}
+    if params.family == "causal_lm":
+        from tda.models.tokenizer import load_tokenizer
+
+        source = ctx.input(params.tokenizer).model_dir
+        shutil.copytree(source, ctx.model_dir / "tokenizer")
+        data = load_split(ctx, params.data, text_encoder(source, params.max_len))
+        family = build_lm(params, load_tokenizer(source))
+        meta.update(tokenizer="tokenizer", max_len=params.max_len)
+    else:
+        data = load_split(ctx, params.data)
+        n_classes = int(max(data.y_train.max(), data.y_target.max())) + 1
+        family = build_family(params, data.X_train.shape[1], n_classes)
     t0 = time.perf_counter()
     fit = family.fit(data.X_train, data.y_train, l2_sum=data.n * params.l2)
     seconds = time.perf_counter() - t0
-    meta = {"l2": params.l2, "n_train": data.n, "l2_sum": data.n * params.l2, "converged": fit.converged}
+    meta.update(n_train=data.n, l2_sum=data.n * params.l2, converged=fit.converged)
     save_model(ctx.model_dir, family, fit.theta, meta)
-    with torch.no_grad():
-        target_pred = family.losses(fit.theta, data.X_target, data.y_target)
-        train_loss = family.losses(fit.theta, data.X_train, data.y_train).mean()
     ctx.log_metrics(
         {
-            "train_loss": float(train_loss),
-            "target_loss": float(target_pred.mean()),
+            **_losses(family, fit.theta, data),
             "grad_norm": fit.grad_norm,
             "iterations": fit.iterations,
             "parameters": fit.theta.numel(),
             "fit_seconds": seconds,
-            "target_accuracy": _accuracy(family, fit.theta, data.X_target, data.y_target),
         }
     )
 
 
-def _accuracy(family: Any, theta: Any, X: Any, y: Any) -> float:
+def _losses(family: Any, theta: Any, data: Any) -> dict[str, float]:
     import torch
 
-    if not hasattr(family, "predict_proba"):
-        return float("nan")
     with torch.no_grad():
-        return float((family.predict_proba(theta, X).argmax(dim=1) == y).double().mean())
+        out = {
+            "train_loss": float(family.losses(theta, data.X_train, data.y_train).mean()),
+            "target_loss": float(family.losses(theta, data.X_target, data.y_target).mean()),
+        }
+        if hasattr(family, "predict_proba") and data.y_target.dim() == 1:
+            predicted = family.predict_proba(theta, data.X_target).argmax(dim=1)
+            out["target_accuracy"] = float((predicted == data.y_target).double().mean())
+    return out
 
 
 STEP = StepKind("train_model", TrainModelParams, train_model, version="1")

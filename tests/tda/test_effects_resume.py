@@ -58,10 +58,50 @@ def metric(outcome, name: str) -> float:
     return next(v for k, v, _ in outcome.metrics if k == name)
 
 
-def test_rerun_after_a_crash_trains_only_the_missing_subsets(write_spec, tmp_path):
+LM_SPEC = """
+version: 1
+name: resume_lm
+steps:
+  wine:
+    kind: synthetic_instructions
+    n_examples: 140
+  data:
+    kind: split
+    data: wine
+    n_targets: 20
+  tokenizer:
+    kind: train_tokenizer
+    corpus: data
+    vocab_size: 300
+  model:
+    kind: train_model
+    data: data
+    family: causal_lm
+    tokenizer: tokenizer
+    n_layer: 1
+    n_embd: 32
+    max_len: 48
+    epochs: 1
+    l2: 0
+  subsets:
+    kind: sample_subsets
+    data: data
+    n_subsets: 12
+    subset_size: 30
+  effects:
+    kind: subset_effects
+    model: model
+    data: data
+    subsets: subsets
+    subsets_per_task: 3
+"""
+
+
+@pytest.mark.parametrize("text", [SPEC, LM_SPEC], ids=["logistic", "causal_lm"])
+def test_rerun_after_a_crash_trains_only_the_missing_subsets(write_spec, tmp_path, text):
     store = Store(tmp_path / "store")
-    _, planned = plan(load_spec(write_spec(SPEC)), store)
-    for name in ("wine", "data", "model", "subsets"):
+    _, planned = plan(load_spec(write_spec(text)), store)
+    for name in [n for n in planned if n != "effects"]:
         assert execute_step(planned[name].job).ok
     job = planned["effects"].job
     with pytest.raises(Crash):

@@ -95,3 +95,58 @@ class TestGroups:
             make_groups(np.arange(10), None, "random", [])
         with pytest.raises(DataError, match="≥ the 10 training rows"):
             make_groups(np.arange(10), None, "random", [1.0])
+
+
+class TestAirRepLayout:
+    def test_splits_have_disjoint_targets_and_pools(self):
+        from tda.subsets.sampling import sample_split_subsets
+
+        table = sample_split_subsets(
+            np.arange(1000),
+            np.arange(1000, 1200),
+            n_splits=4,
+            n_subsets_per_split=6,
+            size=50,
+            eval_fraction=0.5,
+            seed=0,
+        )
+        targets = table.filter(pl.col("purpose") == "target")
+        assert targets.group_by("split_id").len()["len"].to_list() == [50] * 4
+        assert targets["example_id"].n_unique() == 200 and (targets["subset_id"] < 0).all()
+        pools = (
+            table.filter(pl.col("purpose") != "target")
+            .group_by("split_id")
+            .agg(pl.col("example_id").unique())
+        )
+        members = [set(p) for p in pools["example_id"]]
+        assert all(a.isdisjoint(b) for i, a in enumerate(members) for b in members[i + 1 :])
+        per = (
+            table.filter(pl.col("purpose") != "target")
+            .group_by("subset_id")
+            .agg(pl.len(), pl.col("split_id").first())
+        )
+        assert per.height == 24 and set(per["len"]) == {50}
+        assert table.filter(pl.col("purpose") == "eval")["subset_id"].n_unique() == 12
+
+    def test_too_many_splits_is_an_error(self):
+        from tda.subsets.sampling import sample_split_subsets
+
+        with pytest.raises(DataError, match="lower n_splits"):
+            sample_split_subsets(np.arange(10), np.arange(10, 12), n_splits=4, n_subsets_per_split=2, size=2)
+
+
+def test_same_group_signal_sees_a_planted_effect():
+    from tda.evaluation.signal import same_group_signal
+
+    # two groups; subsets hold k examples of group a; target 100 (group a) gets lower loss with more a's
+    rows, effects = [], []
+    for j, k in enumerate([0, 1, 2, 3, 4]):
+        rows += [(j, e) for e in range(k)] + [(j, 10 + e) for e in range(4 - k)]
+        effects += [(j, 100, 5.0 - k), (j, 101, 5.0 + 0.1 * ((j * 7) % 3))]
+    subsets = pl.DataFrame(rows, schema=["subset_id", "example_id"], orient="row")
+    effects = pl.DataFrame(effects, schema=["subset_id", "target_id", "loss"], orient="row")
+    groups = pl.DataFrame(
+        {"example_id": [*range(4), *range(10, 14), 100, 101], "group": ["a"] * 4 + ["b"] * 4 + ["a", "c"]}
+    )
+    rho = dict(same_group_signal(subsets, effects, groups).iter_rows())
+    assert rho[100] == pytest.approx(1.0) and np.isnan(rho[101])  # target 101's group never appears

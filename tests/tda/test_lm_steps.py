@@ -1,0 +1,191 @@
+"""Language-model experiments end to end on a real embedded Ray, at toy size: synthetic corpus →
+tokenizer → GPT-2 → subset fine-tunes → effects → GradDot → LDS; corpus loading; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+import pipelines
+from pipelines import load_spec
+
+LM = """
+version: 1
+name: lm_small
+seed: 1
+steps:
+  corpus:
+    kind: synthetic_instructions
+    n_examples: 260
+  data:
+    kind: split
+    data: corpus
+    n_targets: 20
+    stratify_by: group
+  tokenizer:
+    kind: train_tokenizer
+    corpus: data
+    vocab_size: 300
+  base:
+    kind: train_model
+    data: data
+    family: causal_lm
+    tokenizer: tokenizer
+    n_layer: 1
+    n_embd: 32
+    n_head: 2
+    max_len: 48
+    epochs: 2
+    l2: 0
+  subsets:
+    kind: sample_subsets
+    data: data
+    n_subsets: 12
+    subset_size: 40
+    eval_fraction: 0.5
+  effects:
+    kind: subset_effects
+    model: base
+    data: data
+    subsets: subsets
+    recipe: {epochs: 1}
+    subsets_per_task: 4
+  graddot:
+    kind: influence_scores
+    model: base
+    data: data
+    method: graddot
+  lds:
+    kind: evaluate_lds
+    scores: [graddot]
+    subsets: subsets
+    effects: effects
+"""
+
+
+@pytest.fixture(scope="module")
+def lm_run(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    (root / "spec.yaml").write_text(LM)
+    return pipelines.run(load_spec(root / "spec.yaml"), store=str(root / "store"), progress=False)
+
+
+def test_lm_study_tables(lm_run):
+    corpus = lm_run.table("corpus").collect()
+    assert corpus.columns == ["example_id", "prompt", "response", "group"] and corpus.height == 260
+    assert corpus["group"].n_unique() >= 12
+    effects = lm_run.table("effects").collect()
+    assert effects.height == 12 * 20  # exactly n_subsets × n_targets
+    assert (lm_run.output("effects").dir / "base_losses.parquet").is_file()
+    assert "same_group_signal" in lm_run.output("effects").manifest["metrics"]
+    assert lm_run.table("graddot").collect().height == 20 * 240
+    lds = lm_run.table("lds").collect()
+    assert lds.height == 20 and lds["method"].unique().to_list() == ["graddot"]
+    model_dir = lm_run.output("base").model_dir
+    assert (model_dir / "tokenizer").is_dir() and (model_dir / "config.json").is_file()
+
+
+def test_load_corpus_alpaca_jsonl_and_parquet_shards(ray_session, tmp_path, tracking_uri):
+    rows = [
+        {
+            "instruction": f"Add {i} and {i}",
+            "input": "" if i % 2 else "quickly",
+            "output": str(2 * i),
+            "task": "add",
+        }
+        for i in range(6)
+    ]
+    (tmp_path / "alpaca.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):
+        pl.DataFrame({"prompt": [f"p{i}a", f"p{i}b"], "response": ["r", "s"]}).write_parquet(
+            shards / f"part-{i:02d}.parquet"
+        )
+    (tmp_path / "spec.yaml").write_text("""
+version: 1
+name: corpora
+steps:
+  alpaca:
+    kind: load_corpus
+    path: alpaca.jsonl
+    columns: {instruction: instruction, input: input, output: output, group: task}
+  sharded:
+    kind: load_corpus
+    path: shards
+""")
+    run = pipelines.run(
+        load_spec(tmp_path / "spec.yaml"),
+        store=str(tmp_path / "store"),
+        tracking_uri=tracking_uri,
+        progress=False,
+    )
+    alpaca = run.table("alpaca").collect()
+    assert alpaca["prompt"][0] == "Add 0 and 0\n\nquickly" and alpaca["response"][3] == "6"
+    assert set(alpaca["group"]) == {"add"}
+    sharded = run.table("sharded").collect().sort("example_id")
+    assert sharded["example_id"].to_list() == list(range(6)) and sharded["prompt"][2] == "p1a"
+
+
+def failed_error(tmp_path, tracking_uri, text: str, step: str) -> str:
+    (tmp_path / "spec.yaml").write_text(text)
+    run = pipelines.run(
+        load_spec(tmp_path / "spec.yaml"),
+        store=str(tmp_path / "store"),
+        tracking_uri=tracking_uri,
+        progress=False,
+        raise_on_failure=False,
+    )
+    assert run.steps[step]["status"] == "failed", run.steps
+    assert "\n" not in run.steps[step]["error"]
+    return run.steps[step]["error"]
+
+
+def corpus_spec(path: str, extra: str = "") -> str:
+    return f"version: 1\nname: c\nsteps:\n  c:\n    kind: load_corpus\n    path: {path}\n{extra}"
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        (b'{"question": "a", "response": "b"}\n', "", "no column 'prompt'"),
+        (b"", "", "empty"),
+        (b'{"prompt": "caf\xe9", "response": "b"}\n', "", "not valid UTF-8"),
+    ],
+)
+def test_bad_corpora(ray_session, tmp_path, tracking_uri, content, extra, message):
+    (tmp_path / "c.jsonl").write_bytes(content)
+    error = failed_error(tmp_path, tracking_uri, corpus_spec("c.jsonl", extra), "c")
+    assert error.startswith("DataError: ") and "c.jsonl" in error and message in error
+
+
+def test_target_id_not_in_the_corpus(ray_session, tmp_path, tracking_uri):
+    error = failed_error(
+        tmp_path,
+        tracking_uri,
+        """
+version: 1
+name: t
+steps:
+  corpus:
+    kind: synthetic_instructions
+    n_examples: 30
+  data:
+    kind: split
+    data: corpus
+    target_ids: [1, 2, 999]
+""",
+        "data",
+    )
+    assert error.startswith("DataError: split: target example_id 999") and "not in the data" in error
+
+
+def test_a_folder_that_is_not_a_causal_lm(ray_session, tmp_path, tracking_uri):
+    (tmp_path / "not_lm").mkdir()
+    (tmp_path / "not_lm" / "config.json").write_text('{"model_type": "bert"}')
+    error = failed_error(
+        tmp_path, tracking_uri, LM.replace("    l2: 0\n", "    l2: 0\n    pretrained: not_lm\n"), "base"
+    )
+    assert error.startswith("ModelError: ") and "not_lm" in error and "causal" in error
