@@ -56,3 +56,25 @@ def pytest_configure(config):
 
     for kind in toy_steps.STEPS:
         registry.register(kind)
+
+
+@pytest.fixture
+def failed_error(ray_session, tmp_path, tracking_uri):
+    """failed_error(spec_text, step) -> the one-line error of `step`, which must fail in a real run."""
+    import pipelines
+
+    def run(text: str, step: str) -> str:
+        (tmp_path / "spec.yaml").write_text(text)
+        result = pipelines.run(
+            pipelines.load_spec(tmp_path / "spec.yaml"),
+            store=str(tmp_path / "store"),
+            tracking_uri=tracking_uri,
+            progress=False,
+            raise_on_failure=False,
+        )
+        assert result.steps[step]["status"] == "failed", result.steps
+        error = result.steps[step]["error"]
+        assert "\n" not in error
+        return error
+
+    return run

@@ -100,6 +100,26 @@ def trained_split(ctx: StepContext, model: str, data: str) -> tuple[Split, Any, 
     return split, family, theta, meta
 
 
+@dataclass(frozen=True)
+class Retraining:
+    """What a retraining task needs: the family, θ* (the warm start), the encoded split, the objective's
+    λ_sum and the training-row index of each group or subset. Put in the object store once per step."""
+
+    family: Any
+    theta: torch.Tensor
+    data: Split
+    l2_sum: float
+    index: list[torch.Tensor]
+
+    def rows(self, batch: list[int]) -> list[torch.Tensor]:
+        return [self.index[i] for i in batch]
+
+
+def batches(count: int, size: int) -> list[list[int]]:
+    """0..count-1 in consecutive batches of `size`."""
+    return [list(range(i, min(i + size, count))) for i in range(0, count, size)]
+
+
 def set_threads(num_cpus: float) -> None:
     """Torch threads of a task = the CPUs it reserved (no oversubscription of cores)."""
     import torch

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import polars as pl
 from pydantic import Field
 
 from pipelines import StepContext, StepKind, StepParams, StepRef
-from tda.steps.common import index_members, set_threads, trained_split
+from tda.steps.common import Retraining, batches, index_members, set_threads, trained_split
 
 
 class RetrainWithoutGroupsParams(StepParams):
@@ -27,15 +27,13 @@ class RetrainWithoutGroupsParams(StepParams):
     task_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each retraining task.")
 
 
-def _retrain_batch(
-    batch: list[int], *, payload: dict[str, Any], num_cpus: float
-) -> tuple[list[int], np.ndarray]:
+def _retrain_batch(batch: list[int], *, job: Retraining, num_cpus: float) -> tuple[list[int], np.ndarray]:
     from tda.effects.retrain import leave_group_out
 
     set_threads(num_cpus)
-    p = payload
+    d = job.data
     effects = leave_group_out(
-        p["family"], p["theta"], p["X"], p["y"], p["Xt"], p["yt"], p["l2_sum"], [p["index"][g] for g in batch]
+        job.family, job.theta, d.X_train, d.y_train, d.X_target, d.y_target, job.l2_sum, job.rows(batch)
     )
     return batch, effects.numpy()
 
@@ -43,24 +41,12 @@ def _retrain_batch(
 def retrain_without_groups(params: RetrainWithoutGroupsParams, ctx: StepContext) -> pl.DataFrame:
     data, family, theta, meta = trained_split(ctx, params.model, params.data)
     group_ids, index = index_members(ctx.table(params.groups).collect(), "group_id", data.train_ids, "group")
-    payload = {
-        "family": family,
-        "theta": theta,
-        "X": data.X_train,
-        "y": data.y_train,
-        "Xt": data.X_target,
-        "yt": data.y_target,
-        "l2_sum": meta["l2_sum"],
-        "index": index,
-    }
-    batches = [
-        list(range(i, min(i + params.groups_per_task, len(index))))
-        for i in range(0, len(index), params.groups_per_task)
-    ]
-    work = functools.partial(_retrain_batch, payload=payload, num_cpus=params.task_cpus)
+    job = Retraining(family, theta, data, meta["l2_sum"], index)
+    work = functools.partial(_retrain_batch, job=job, num_cpus=params.task_cpus)
     t0 = time.perf_counter()
     actual = np.empty((len(data.target_ids), len(index)))
-    for batch, effects in ctx.imap_unordered(work, batches, num_cpus=params.task_cpus):
+    todo = batches(len(index), params.groups_per_task)
+    for batch, effects in ctx.imap_unordered(work, todo, num_cpus=params.task_cpus):
         actual[:, batch] = effects
     ctx.log_metrics({"seconds": time.perf_counter() - t0, "retrains": len(index)})
     m, g = actual.shape

@@ -12,7 +12,7 @@ import polars as pl
 from pydantic import Field
 
 from pipelines import StepContext, StepKind, StepParams, StepRef
-from tda.steps.common import index_members, set_threads, trained_split
+from tda.steps.common import Retraining, batches, index_members, set_threads, trained_split
 
 
 class SubsetEffectsParams(StepParams):
@@ -38,22 +38,22 @@ class SubsetEffectsParams(StepParams):
 
 
 def _train_batch(
-    batch: list[int], *, payload: dict[str, Any], num_cpus: float
+    batch: list[int], *, job: Retraining, warm_start: bool, num_cpus: float
 ) -> tuple[list[int], np.ndarray]:
     from tda.effects.retrain import subset_losses
 
     set_threads(num_cpus)
-    p = payload
+    d = job.data
     losses = subset_losses(
-        p["family"],
-        p["theta"],
-        p["X"],
-        p["y"],
-        p["Xt"],
-        p["yt"],
-        p["l2_sum"],
-        [p["index"][j] for j in batch],
-        p["warm_start"],
+        job.family,
+        job.theta,
+        d.X_train,
+        d.y_train,
+        d.X_target,
+        d.y_target,
+        job.l2_sum,
+        job.rows(batch),
+        warm_start,
     )
     return batch, losses.numpy()
 
@@ -67,21 +67,9 @@ def subset_effects(params: SubsetEffectsParams, ctx: StepContext) -> pl.DataFram
     subset_ids = np.array(ids, dtype=np.int32)
     done = _finished_subsets(ctx.scratch_dir)
     remaining = [j for j, sid in enumerate(subset_ids) if int(sid) not in done]
-    todo = [
-        remaining[i : i + params.subsets_per_task] for i in range(0, len(remaining), params.subsets_per_task)
-    ]
-    payload = {
-        "family": family,
-        "theta": theta,
-        "X": data.X_train,
-        "y": data.y_train,
-        "Xt": data.X_target,
-        "yt": data.y_target,
-        "l2_sum": meta["l2_sum"],
-        "index": index,
-        "warm_start": params.warm_start,
-    }
-    work = functools.partial(_train_batch, payload=payload, num_cpus=params.task_cpus)
+    job = Retraining(family, theta, data, meta["l2_sum"], index)
+    work = functools.partial(_train_batch, job=job, warm_start=params.warm_start, num_cpus=params.task_cpus)
+    todo = [[remaining[i] for i in chunk] for chunk in batches(len(remaining), params.subsets_per_task)]
     t0 = time.perf_counter()
     for batch, losses in ctx.imap_unordered(work, todo, num_cpus=params.task_cpus):
         _save_batch(ctx.scratch_dir, subset_ids[batch], data.target_ids, losses)

@@ -129,20 +129,6 @@ steps:
     assert sharded["example_id"].to_list() == list(range(6)) and sharded["prompt"][2] == "p1a"
 
 
-def failed_error(tmp_path, tracking_uri, text: str, step: str) -> str:
-    (tmp_path / "spec.yaml").write_text(text)
-    run = pipelines.run(
-        load_spec(tmp_path / "spec.yaml"),
-        store=str(tmp_path / "store"),
-        tracking_uri=tracking_uri,
-        progress=False,
-        raise_on_failure=False,
-    )
-    assert run.steps[step]["status"] == "failed", run.steps
-    assert "\n" not in run.steps[step]["error"]
-    return run.steps[step]["error"]
-
-
 def corpus_spec(path: str, extra: str = "") -> str:
     return f"version: 1\nname: c\nsteps:\n  c:\n    kind: load_corpus\n    path: {path}\n{extra}"
 
@@ -155,16 +141,14 @@ def corpus_spec(path: str, extra: str = "") -> str:
         (b'{"prompt": "caf\xe9", "response": "b"}\n', "", "not valid UTF-8"),
     ],
 )
-def test_bad_corpora(ray_session, tmp_path, tracking_uri, content, extra, message):
+def test_bad_corpora(failed_error, tmp_path, content, extra, message):
     (tmp_path / "c.jsonl").write_bytes(content)
-    error = failed_error(tmp_path, tracking_uri, corpus_spec("c.jsonl", extra), "c")
+    error = failed_error(corpus_spec("c.jsonl", extra), "c")
     assert error.startswith("DataError: ") and "c.jsonl" in error and message in error
 
 
-def test_target_id_not_in_the_corpus(ray_session, tmp_path, tracking_uri):
+def test_target_id_not_in_the_corpus(failed_error, tmp_path):
     error = failed_error(
-        tmp_path,
-        tracking_uri,
         """
 version: 1
 name: t
@@ -182,10 +166,8 @@ steps:
     assert error.startswith("DataError: split: target example_id 999") and "not in the data" in error
 
 
-def test_a_folder_that_is_not_a_causal_lm(ray_session, tmp_path, tracking_uri):
+def test_a_folder_that_is_not_a_causal_lm(failed_error, tmp_path):
     (tmp_path / "not_lm").mkdir()
     (tmp_path / "not_lm" / "config.json").write_text('{"model_type": "bert"}')
-    error = failed_error(
-        tmp_path, tracking_uri, LM.replace("    l2: 0\n", "    l2: 0\n    pretrained: not_lm\n"), "base"
-    )
+    error = failed_error(LM.replace("    l2: 0\n", "    l2: 0\n    pretrained: not_lm\n"), "base")
     assert error.startswith("ModelError: ") and "not_lm" in error and "causal" in error

@@ -179,25 +179,8 @@ steps:
 """
 
 
-def failed_error(tmp_path, tracking_uri, text: str, step: str) -> str:
-    (tmp_path / "spec.yaml").write_text(text)
-    run = pipelines.run(
-        load_spec(tmp_path / "spec.yaml"),
-        store=str(tmp_path / "store"),
-        tracking_uri=tracking_uri,
-        progress=False,
-        raise_on_failure=False,
-    )
-    assert run.steps[step]["status"] == "failed", run.steps
-    error = run.steps[step]["error"]
-    assert "\n" not in error
-    return error
-
-
-def test_subset_larger_than_the_training_split(ray_session, tmp_path, tracking_uri):
+def test_subset_larger_than_the_training_split(failed_error, tmp_path):
     error = failed_error(
-        tmp_path,
-        tracking_uri,
         BAD
         + """
   subsets:
@@ -214,10 +197,8 @@ def test_subset_larger_than_the_training_split(ray_session, tmp_path, tracking_u
     )
 
 
-def test_group_with_ids_outside_the_training_split(ray_session, tmp_path, tracking_uri):
+def test_group_with_ids_outside_the_training_split(failed_error, tmp_path):
     error = failed_error(
-        tmp_path,
-        tracking_uri,
         BAD
         + """
   model:
@@ -238,10 +219,8 @@ def test_group_with_ids_outside_the_training_split(ray_session, tmp_path, tracki
     assert error.startswith("DataError: group 'g1': example_id") and "is not in the training split" in error
 
 
-def test_singular_hessian_without_damping(ray_session, tmp_path, tracking_uri):
+def test_singular_hessian_without_damping(failed_error, tmp_path):
     error = failed_error(
-        tmp_path,
-        tracking_uri,
         BAD
         + """
   model:
@@ -268,11 +247,9 @@ def test_singular_hessian_without_damping(ray_session, tmp_path, tracking_uri):
         ("a,b,label\n1,,0\n3,4,1\n", "b"),
     ],
 )
-def test_bad_tabular_files(ray_session, tmp_path, tracking_uri, csv, message):
+def test_bad_tabular_files(failed_error, tmp_path, csv, message):
     (tmp_path / "d.csv").write_text(csv)
     error = failed_error(
-        tmp_path,
-        tracking_uri,
         "version: 1\nname: t\nsteps:\n  d:\n    kind: tabular_dataset\n    source: d.csv\n",
         "d",
     )
