@@ -63,6 +63,36 @@ def tda_run(path: Path, store: Path, cpus: int, *extra: str) -> dict:
     return json.loads((store / "objects" / key / "manifest.json").read_text())["metrics"]
 
 
+def in_process_rate(store: Path, subsets: int, threads: int) -> float:
+    """The same fine-tunes and target losses in one plain Python loop (no Ray, no engine), with
+    `threads` torch threads: the prototype-style baseline the pipeline's overhead is measured against."""
+    import polars as pl
+    import torch
+
+    from tda.effects.retrain import subset_losses
+    from tda.models import load_model
+    from tda.models.tokenizer import encode_examples, load_tokenizer
+
+    torch.set_num_threads(threads)
+    record = json.loads(sorted((store / "runs").glob("*.json"))[-1].read_text())
+    objects = store / "objects"
+    folder = objects / record["steps"]["base"]["key"] / "model"
+    family, theta, meta = load_model(folder)
+    family = type(family).from_config({**family.config(), "epochs": 2})
+    tokenizer = load_tokenizer(folder / meta["tokenizer"])
+    data = pl.read_parquet(objects / record["steps"]["data"]["key"] / "data" / "*.parquet").sort("example_id")
+    train, target = data.filter(pl.col("split") == "train"), data.filter(pl.col("split") == "target")
+    X, y = encode_examples(tokenizer, train["prompt"].to_list(), train["response"].to_list(), meta["max_len"])
+    Xt, yt = encode_examples(
+        tokenizer, target["prompt"].to_list(), target["response"].to_list(), meta["max_len"]
+    )
+    generator = torch.Generator().manual_seed(0)
+    index = [torch.randperm(len(X), generator=generator)[:100] for _ in range(subsets)]
+    t0 = time.perf_counter()
+    subset_losses(family, theta, X, y, Xt, yt, 0.0, index)
+    return 60 * subsets / (time.perf_counter() - t0)
+
+
 def gradient_throughput(store: Path) -> float:
     import torch
 
@@ -94,11 +124,14 @@ def main() -> None:
         one = tda_run(path, store, 1, "--force", "effects")
         two = tda_run(path, store, 2, "--force", "effects")
         grads = gradient_throughput(store)
+        baseline = in_process_rate(store, args.subsets, threads=2)
     result = {
         "subsets": args.subsets,
         "fine_tunes_per_minute_1_worker": one["subsets_per_minute"],
         "fine_tunes_per_minute_2_workers": two["subsets_per_minute"],
         "scaling_ratio": two["subsets_per_minute"] / one["subsets_per_minute"],
+        "fine_tunes_per_minute_in_process_2_threads": baseline,
+        "pipeline_time_over_in_process": baseline / two["subsets_per_minute"],
         "per_example_gradients_per_second": grads,
         "same_group_signal": two.get("same_group_signal"),
     }
@@ -110,6 +143,10 @@ def main() -> None:
     table.add_row("fine-tunes / minute, 1 worker", f"{result['fine_tunes_per_minute_1_worker']:.1f}")
     table.add_row("fine-tunes / minute, 2 workers", f"{result['fine_tunes_per_minute_2_workers']:.1f}")
     table.add_row("scaling 2 vs 1 workers", f"{result['scaling_ratio']:.2f}×")
+    table.add_row("fine-tunes / minute, plain loop, 2 torch threads", f"{baseline:.1f}")
+    table.add_row(
+        "pipeline time ÷ plain loop (goal ≤ 1.5)", f"{result['pipeline_time_over_in_process']:.2f}×"
+    )
     table.add_row("per-example gradients / second (1 thread)", f"{grads:.1f}")
     Console().print(table)
     print(f"wrote {args.out}")
