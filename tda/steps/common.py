@@ -37,7 +37,6 @@ class Split:
     target_ids: np.ndarray  # (m,)
     X_target: torch.Tensor  # (m, d)
     y_target: torch.Tensor  # (m,)
-    train_table: pl.DataFrame
 
     @property
     def n(self) -> int:
@@ -66,12 +65,12 @@ def load_split(ctx: StepContext, data: str, encode: Encoder | None = None) -> Sp
         X_train, y_train = encode(train["prompt"].to_list(), train["response"].to_list())
         X_target, y_target = encode(target["prompt"].to_list(), target["response"].to_list())
         train_ids, target_ids = train["example_id"].to_numpy(), target["example_id"].to_numpy()
-        return Split(train_ids, X_train, y_train, target_ids, X_target, y_target, train)
+        return Split(train_ids, X_train, y_train, target_ids, X_target, y_target)
     from tda.data.tabular import tabular_tensors
 
     train_ids, X_train, y_train = tabular_tensors(train)
     target_ids, X_target, y_target = tabular_tensors(target)
-    return Split(train_ids.numpy(), X_train, y_train, target_ids.numpy(), X_target, y_target, train)
+    return Split(train_ids.numpy(), X_train, y_train, target_ids.numpy(), X_target, y_target)
 
 
 def text_encoder(tokenizer_dir: Path, max_len: int) -> Encoder:
