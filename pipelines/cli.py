@@ -101,6 +101,9 @@ def _print_run(result: Any) -> None:
             out.print(f"[bold red]{name} failed:[/] {info.get('error', '')}", highlight=False)
         if info.get("export_error"):
             out.print(f"[red]{name}: export failed:[/] {info['export_error']}", highlight=False)
+    for name in record.spec.get("run", {}).get("show", []):
+        if record.steps.get(name, {}).get("status") in ("done", "cached"):
+            out.print(frame_table(result.table(name).head(100).collect(), title=name))
     store = result.store.root
     tables = list(result.tables())
     out.print(f"\nstore:    {store}\nrun:      {store / 'runs' / (record.run_id + '.json')}")
@@ -111,6 +114,14 @@ def _print_run(result: Any) -> None:
         out.print(f'query:    {tda} query "SELECT * FROM {tables[-1]} LIMIT 10" --store {store}')
     uri = record.mlflow.get("tracking_uri", "")
     out.print(f"MLflow:   mlflow ui --backend-store-uri {uri} --host 127.0.0.1", highlight=False)
+
+
+def frame_table(frame: Any, title: str | None = None) -> Table:
+    """A Polars frame as a rich table (floats to 4 significant digits)."""
+    table = Table(*frame.columns, title=title, title_justify="left")
+    for row in frame.iter_rows():
+        table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    return table
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

@@ -56,6 +56,7 @@ class StepContext:
     inputs: dict[str, str]  # upstream step name -> cache key
     executor: Executor = field(default_factory=Executor)
     metrics: list[tuple[str, float, int | None]] = field(default_factory=list)
+    tracking_uri: str | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -80,6 +81,15 @@ class StepContext:
     def table(self, step: str) -> pl.LazyFrame:
         """An upstream step's table as a lazy Parquet scan."""
         return self.input(step).table()
+
+    def mlflow_artifacts(self, run_id: str, path: str = "") -> Path:
+        """Download artifacts `path` of MLflow run `run_id` from this run's tracking server (into the
+        step's scratch folder) and return where they are."""
+        from pipelines.tracking import download_artifacts
+
+        if not self.tracking_uri:
+            raise RuntimeError("this step runs without a tracking URI; MLflow artifacts are unavailable")
+        return download_artifacts(self.tracking_uri, run_id, path, self.scratch_dir / "mlflow" / run_id)
 
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
         self.metrics.append((name, float(value), step))
@@ -115,6 +125,7 @@ class StepJob:
     inputs: dict[str, str]
     store_root: str
     replace: bool = False  # a forced re-run replaces the stored object of the same key
+    tracking_uri: str | None = None
 
 
 @dataclass
@@ -172,7 +183,7 @@ def execute_step(job: StepJob, executor: Executor | None = None) -> StepOutcome:
     store = Store(job.store_root)
     executor = executor or Executor()
     staging = store.staging_dir(job.key)
-    ctx = StepContext(job.name, job.key, store, staging, job.inputs, executor)
+    ctx = StepContext(job.name, job.key, store, staging, job.inputs, executor, tracking_uri=job.tracking_uri)
     started, t0 = now_iso(), time.perf_counter()
     try:
         result = job.fn(job.params, ctx)

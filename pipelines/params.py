@@ -147,6 +147,15 @@ class StepParams(BaseModel):
         description="Also copy the step's table to <store>/exports/<export> (a relative path).",
     )
 
+    def demands(self) -> dict[str, tuple[float, str]]:
+        """Ray resources the step needs at its peak → (amount, the field that sets it). The runner
+        refuses a run whose step needs more of a resource than the whole cluster has, before any step
+        starts. A step that fans out (e.g. Ray Train workers) overrides this to add its workers."""
+        res = self.resources
+        out = {"CPU": (res.num_cpus, "resources.num_cpus"), "GPU": (res.num_gpus, "resources.num_gpus")}
+        out.update({name: (amount, f"resources.custom.{name}") for name, amount in res.custom.items()})
+        return out
+
     def semantic_params(self) -> dict[str, Any]:
         """The params that determine the output, as JSON-ready data."""
         return self.model_dump(mode="json", exclude=set(self.non_semantic))

@@ -6,6 +6,7 @@ one Ray task with the step's `resources` and `retries`, and may fan out further 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -88,6 +89,10 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     if address in (None, "", "local"):
         # token auth stays on (Ray's default); only its "enabled by default" notice is hushed
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # steps share the embedded cluster: a Ray Train step may wait for CPUs that other steps hold,
+        # so its worker group must not give up after Ray Train's default 60 s (the raylet and every
+        # worker inherit this process's environment)
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "86400")
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
@@ -241,6 +246,8 @@ def run(spec: SpecBase, **options: Any) -> Run:
             "seconds": None,
         }
     tracking_uri = opts.tracking_uri or spec.run.tracking_uri or default_tracking_uri(store.root)
+    for step in planned.values():
+        step.job = dataclasses.replace(step.job, tracking_uri=tracking_uri)
     (store.root / "runs").mkdir(parents=True, exist_ok=True)
     tracker = Tracker(
         tracking_uri, spec.name, store.root / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
@@ -262,6 +269,7 @@ def run(spec: SpecBase, **options: Any) -> Run:
                 address, cpus = opts.ray_address or spec.run.ray_address, opts.num_cpus or spec.run.num_cpus
                 state.progress.set_phase(f"connecting to Ray at {address}" if address else "starting Ray")
                 record.timings["ray_start"] = _timed(ensure_ray, address, cpus)
+                check_demands(spec, planned)
             tracker.ready()  # it connected while Ray started; a bad tracking URI stops the run here
             if todo:
                 state.progress.set_phase("running")
@@ -273,6 +281,31 @@ def run(spec: SpecBase, **options: Any) -> Run:
     if failed and opts.raise_on_failure:
         raise RunFailed(result, failed)
     return result
+
+
+def check_demands(spec: SpecBase, planned: dict[str, PlannedStep]) -> None:
+    """SpecError (one line per problem, at the spec field) for steps that need more of a resource than
+    the connected cluster has in total: such a task would wait forever."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    problems = []
+    for name, step in planned.items():
+        if step.cached:
+            continue
+        for resource, (amount, where) in step.job.params.demands().items():
+            have = float(cluster.get(resource, 0.0))
+            if amount > have:
+                loc = ("steps", name, *where.split("."))
+                problems.append(
+                    spec.source.error(
+                        loc,
+                        f"the step needs {amount:g} {resource} but the Ray cluster has {have:g}; "
+                        f"lower it or run on a cluster with more {resource}",
+                    )
+                )
+    if problems:
+        raise SpecError(problems)
 
 
 def _timed(fn: Any, *args: Any) -> float:

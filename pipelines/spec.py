@@ -41,6 +41,9 @@ class RunSettings(BaseModel):
     num_cpus: int | None = Field(
         None, gt=0, description="CPUs of the embedded Ray (null = all of this machine's)."
     )
+    show: list[str] = Field(
+        default_factory=list, description="Steps whose (small) tables `tda run` prints when the run ends."
+    )
 
 
 class SpecBase(BaseModel):
@@ -286,6 +289,14 @@ def validate(data: Any, source: SpecSource) -> SpecBase:
     from pipelines.dag import build_dag
 
     build_dag(spec)  # unknown references and cycles are spec errors too
+    unknown = [(i, name) for i, name in enumerate(spec.run.show) if name not in spec.steps]
+    if unknown:
+        raise SpecError(
+            [
+                source.error(("run", "show", i), f"no step named {name!r}; name a step of this spec")
+                for i, name in unknown
+            ]
+        )
     return spec
 
 

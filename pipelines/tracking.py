@@ -169,6 +169,23 @@ class Tracker:
         return [self._connect_error] if self._connect_error else self._errors
 
 
+def download_artifacts(tracking_uri: str, run_id: str, path: str, dst: Path) -> Path:
+    """Artifacts `path` of MLflow run `run_id` (a folder or file), downloaded under `dst`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        client = mlflow.MlflowClient(tracking_uri)
+        client.get_run(run_id)
+        return Path(client.download_artifacts(run_id, path, str(dst)))
+    except MlflowException as exc:
+        raise TrackingError(
+            f"MLflow run {run_id} at {tracking_uri}: cannot fetch artifact {path!r} "
+            f"({str(exc).splitlines()[0]}); check the run id (`mlflow ui`) and the tracking URI"
+        ) from None
+
+
 def read_step_metrics(tracking_uri: str, parent_run_id: str) -> dict[str, dict[str, float]]:
     """Latest metrics of a pipeline run's nested step runs, step name → {metric: value}."""
     from mlflow.tracking import MlflowClient

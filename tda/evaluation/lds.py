@@ -1,10 +1,18 @@
 """The Linear Datamodeling Score (Park et al. 2023; the AirRep and TRAK evaluations).
 
-For each held-out ("eval") subset S_j and target t, the attribution predicts ĝ_j(t) = Σ_{z∈S_j} score(t, z)
-(or the mean over S_j) and the experiment measured y_j(t) = −loss_j(t) of a model trained on S_j. The LDS
-of a method for t is the Spearman ρ over j between ĝ_j(t) and y_j(t); a method's LDS is its mean over
-targets. A (target, example) pair missing from the scores (a top-k table) counts as a score of 0.
-Everything is matrix algebra: membership (J, n) times scores (n, m), then ranks and a Pearson
+For each held-out ("eval") subset S_j and target t, the attribution predicts ĝ_j(t) from the scores of
+S_j's members and the experiment measured y_j(t) = −loss_j(t) of a model trained on S_j. The LDS of a
+method for t is the Spearman ρ over j between ĝ_j(t) and y_j(t); a method's LDS is its mean over
+targets. The prediction aggregates the member scores s_it = score(t, z_i), i ∈ S_j, by
+
+    sum        ĝ_j(t) = Σ_i s_it
+    mean       ĝ_j(t) = Σ_i s_it / |S_j|
+    attention  ĝ_j(t) = Σ_i softmax_i(|s_it|) s_it      (AirRep's group score; softmax over S_j)
+
+For sum and mean a (target, example) pair missing from the scores (a top-k table) counts as a score of
+0; attention is not linear in the scores, so it needs every pair and refuses a top-k table.
+Sum and mean are matrix algebra: membership (J, n) times scores (n, m); attention takes each subset's
+dense (|S_j|, m) slice of the scores with a stable softmax over the members. Then ranks and a Pearson
 correlation per column, which equals `scipy.stats.spearmanr` (average ranks for ties).
 """
 
@@ -17,7 +25,7 @@ from scipy.stats import rankdata
 
 from tda.errors import DataError, TdaError
 
-AGGREGATIONS = ("sum", "mean")
+AGGREGATIONS = ("sum", "mean", "attention")
 LDS_SCHEMA = {"method": pl.String, "aggregation": pl.String, "target_id": pl.Int64, "spearman": pl.Float64}
 _METHOD_SCHEMA = {"method": pl.String, "target_id": pl.Int64, "spearman": pl.Float64}
 
@@ -36,7 +44,8 @@ def lds(
         subsets: subset_id, example_id, purpose; only the rows of `purpose` are used.
         effects: subset_id, target_id, loss; every (eval subset, evaluated target) needs a loss
             (repeated measurements of a pair are averaged).
-        aggregation: "sum" or "mean" of the scores over a subset.
+        aggregation: "sum", "mean" or "attention" (Σ softmax(|s|)_i s_i) of the scores over a subset;
+            attention needs the score of every (target, eval-subset member) pair.
         purpose: which subsets to evaluate on.
 
     Returns:
@@ -57,7 +66,9 @@ def lds(
     frames = []
     for method in sorted(scores["method"].unique().to_list()):
         frames.append(
-            _method_lds(scores.filter(pl.col("method") == method), effects, M, subset_ids, example_ids)
+            _method_lds(
+                scores.filter(pl.col("method") == method), effects, M, subset_ids, example_ids, aggregation
+            )
         )
     out = pl.concat(frames) if frames else pl.DataFrame(schema=_METHOD_SCHEMA)
     return out.with_columns(pl.lit(aggregation, dtype=pl.String).alias("aggregation")).select(
@@ -74,7 +85,10 @@ def _require(frame: pl.DataFrame, columns: tuple[str, ...], name: str) -> None:
 def _membership(
     members: pl.DataFrame, subset_ids: np.ndarray, example_ids: np.ndarray, aggregation: str
 ) -> sp.csr_matrix:
-    """M[j, i] = 1 (or 1/|S_j| for the mean) when example i is in eval subset j: sparse (J, n)."""
+    """M[j, i] = 1 (or 1/|S_j| for the mean) when example i is in eval subset j: sparse (J, n).
+
+    Row j's stored column indices are S_j's members (what attention aggregation slices by).
+    """
     rows = np.searchsorted(subset_ids, members["subset_id"].to_numpy())
     cols = np.searchsorted(example_ids, members["example_id"].to_numpy())
     values = np.ones(len(rows))
@@ -89,6 +103,7 @@ def _method_lds(
     M: sp.csr_matrix,
     subset_ids: np.ndarray,
     example_ids: np.ndarray,
+    aggregation: str,
 ) -> pl.DataFrame:
     """LDS of one method for every target it scored that has effects."""
     method = scores["method"][0]
@@ -104,12 +119,48 @@ def _method_lds(
     rows = np.searchsorted(example_ids, scores["example_id"].to_numpy())
     cols = np.searchsorted(targets, scores["target_id"].to_numpy())
     values = scores["score"].cast(pl.Float64).to_numpy()
-    S = sp.csr_matrix((values, (rows, cols)), shape=(len(example_ids), len(targets)))  # (n, m)
-    predicted = np.asarray((M @ S).todense())  # (J, m)
+    if aggregation == "attention":
+        predicted = _attention_predicted(M, _dense_scores(method, rows, cols, values, example_ids, targets))
+    else:
+        S = sp.csr_matrix((values, (rows, cols)), shape=(len(example_ids), len(targets)))  # (n, m)
+        predicted = np.asarray((M @ S).todense())  # (J, m)
     return pl.DataFrame(
         {"method": [method] * len(targets), "target_id": targets, "spearman": spearman_columns(predicted, y)},
         schema=_METHOD_SCHEMA,
     )
+
+
+def _dense_scores(
+    method: str,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    values: np.ndarray,
+    example_ids: np.ndarray,
+    targets: np.ndarray,
+) -> np.ndarray:
+    """The scores as a dense (n, m) matrix; every (eval member, target) pair must be present."""
+    S = np.zeros((len(example_ids), len(targets)))
+    present = np.zeros(S.shape, dtype=bool)
+    S[rows, cols], present[rows, cols] = values, True
+    if not present.all():
+        gap_i, gap_t = np.argwhere(~present)[0]
+        raise DataError(
+            f"scores of method {method!r} lack example {example_ids[gap_i]} for target {targets[gap_t]} "
+            f"({int((~present).sum())} pairs missing); attention aggregation needs all pairs, so score "
+            "with top_k: null"
+        )
+    return S
+
+
+def _attention_predicted(M: sp.csr_matrix, S: np.ndarray) -> np.ndarray:
+    """ĝ[j, t] = Σ_{i∈S_j} softmax_i(|s_it|) s_it from membership M (J, n) and scores S (n, m): (J, m)."""
+    predicted = np.empty((M.shape[0], S.shape[1]))
+    for j in range(M.shape[0]):
+        s = S[M.indices[M.indptr[j] : M.indptr[j + 1]]]  # (k, m): subset j's members
+        logits = np.abs(s)
+        weights = np.exp(logits - logits.max(axis=0))  # stable softmax over the members
+        predicted[j] = (weights * s).sum(axis=0) / weights.sum(axis=0)
+    return predicted
 
 
 def _measured(effects: pl.DataFrame, subset_ids: np.ndarray, targets: np.ndarray) -> np.ndarray:

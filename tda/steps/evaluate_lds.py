@@ -9,6 +9,8 @@ from pydantic import Field
 
 from pipelines import StepContext, StepKind, StepParams, StepRef
 
+Aggregation = Literal["sum", "mean", "attention"]
+
 
 class EvaluateLdsParams(StepParams):
     """LDS per method and target: Spearman over eval subsets of Σ_{z∈S} score(t, z) vs −loss_S(t)."""
@@ -17,8 +19,10 @@ class EvaluateLdsParams(StepParams):
     scores: list[StepRef] = Field(min_length=1, description="Steps whose tables are scores.")
     subsets: StepRef = Field(description="A sample_subsets step (its `eval` subsets are used).")
     effects: StepRef = Field(description="A subset_effects step over the same subsets.")
-    aggregation: Literal["sum"] = Field(
-        "sum", description="How a subset's score is formed from its members'."
+    aggregation: Aggregation | list[Aggregation] = Field(
+        "sum",
+        description="How a subset's score is formed from its members' (or a list: one LDS per aggregation): "
+        "sum, mean, or attention = Σ softmax(|s|)·s, AirRep's pooling (needs all pairs scored).",
     )
     purpose: Literal["eval", "fit"] = Field(
         "eval", description="Which subsets to evaluate on (eval = held out)."
@@ -30,15 +34,18 @@ def evaluate_lds(params: EvaluateLdsParams, ctx: StepContext) -> pl.DataFrame:
 
     subsets = ctx.table(params.subsets).collect()
     effects = ctx.table(params.effects).collect()
+    aggregations = params.aggregation if isinstance(params.aggregation, list) else [params.aggregation]
     frames = []
     for step in params.scores:
-        table = lds(ctx.table(step).collect(), subsets, effects, params.aggregation, params.purpose)
-        frames.append(table)
+        scores = ctx.table(step).collect()
         seconds = ctx.input(step).manifest.get("metrics", {}).get("seconds")
-        for method, mean in table.group_by("method").agg(pl.col("spearman").mean()).iter_rows():
-            ctx.log_metric(f"lds.{method}.{params.aggregation}", mean)
-            if seconds is not None:
-                ctx.log_metric(f"seconds.{method}", seconds)
+        for aggregation in aggregations:
+            table = lds(scores, subsets, effects, aggregation, params.purpose)
+            frames.append(table)
+            for method, mean in table.group_by("method").agg(pl.col("spearman").mean()).iter_rows():
+                ctx.log_metric(f"lds.{method}.{aggregation}", mean)
+                if seconds is not None:
+                    ctx.log_metric(f"seconds.{method}", seconds)
     return pl.concat(frames)
 
 

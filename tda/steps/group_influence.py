@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from pipelines import StepContext, StepKind, StepParams, StepRef
+from pipelines import InputPath, StepContext, StepKind, StepParams, StepRef
 from tda.steps.common import damping_field, index_members, set_threads, trained_split
 
 ORDER = {"if-order1": 1, "if-order2": 2, "newton": 0}
@@ -18,10 +18,22 @@ ORDER = {"if-order1": 1, "if-order2": 2, "newton": 0}
 class GroupInfluenceParams(StepParams):
     """Predicted change of every target's loss when a group is removed (Koh et al. 2019; Basu et al. 2020)."""
 
+    non_semantic = StepParams.non_semantic | {"embed_workers", "embed_batch_size"}
+
     kind: Literal["group_influence"] = "group_influence"
-    model: StepRef = Field(description="A train_model step.")
-    data: StepRef = Field(description="The split table the model was trained on.")
+    method: Literal["influence", "airrep"] = Field(
+        "influence",
+        description="influence = first/second-order influence functions and Newton (needs `model`); "
+        "airrep = AirRep group scores, attention-pooled (method airrep-attention) and summed (airrep-sum).",
+    )
+    model: StepRef | None = Field(None, description="influence: a train_model step.")
+    data: StepRef = Field(description="The split table the model (or the experiments) used.")
     groups: StepRef = Field(description="A make_groups step.")
+    encoder: StepRef | None = Field(None, description="airrep: a train_airrep step.")
+    encoder_path: InputPath | None = Field(None, description="airrep: a saved AirRep folder.")
+    mlflow_run: str | None = Field(None, description="airrep: the MLflow run id of a train_airrep step.")
+    embed_workers: int = Field(1, gt=0, description="airrep: Ray Data actors that embed.")
+    embed_batch_size: int = Field(128, gt=0, description="airrep: examples per encoder forward.")
     orders: list[Literal[1, 2]] = Field(default_factory=lambda: [1, 2], description="Orders to compute.")
     newton: bool = Field(
         True, description="Also the one-step Newton estimate (n·H̄ − H_U)⁻¹ g_U, the reference."
@@ -32,10 +44,63 @@ class GroupInfluenceParams(StepParams):
         "auto", description="Products with H̄: dense = Σ∇²ℓ built once (d ≤ 4096 under auto), else the HVP."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _driver_resources(cls, data: Any) -> Any:
+        """An embedding step's own task reserves no CPU by default: its Ray Data actors reserve theirs
+        (a driver holding a CPU while waiting for its actors could starve them)."""
+        if isinstance(data, dict) and data.get("method") in ("airrep",) and "resources" not in data:
+            return {**data, "resources": {"num_cpus": 0}}
+        return data
+
+    @model_validator(mode="after")
+    def _sources(self) -> GroupInfluenceParams:
+        given = [f for f in ("encoder", "encoder_path", "mlflow_run") if getattr(self, f) is not None]
+        if self.method == "influence" and (self.model is None or given):
+            raise ValueError("method influence needs `model` (a train_model step) and no encoder")
+        if self.method == "airrep" and len(given) != 1:
+            raise ValueError("method airrep needs exactly one of encoder, encoder_path and mlflow_run")
+        return self
+
+
+def airrep_groups(params: GroupInfluenceParams, ctx: StepContext) -> pl.DataFrame:
+    """AirRep group scores: member scores e(t)·e(z) pooled with attention and with a sum."""
+    from tda.airrep.score import group_score_frame
+    from tda.steps.embedding import embed_split
+    from tda.steps.influence_scores import encoder_source
+
+    set_threads(max(1.0, params.resources.num_cpus))
+    emb = embed_split(
+        ctx,
+        params.data,
+        encoder_source(params, ctx),
+        batch_size=params.embed_batch_size,
+        workers=params.embed_workers,
+    )
+    group_ids, members = index_members(ctx.table(params.groups).collect(), "group_id", emb.train_ids, "group")
+    t0 = time.perf_counter()
+    frames = [
+        group_score_frame(
+            f"airrep-{aggregation}",
+            emb.target_ids,
+            emb.targets,
+            emb.train_ids,
+            emb.train,
+            group_ids,
+            members,
+            aggregation,
+        )
+        for aggregation in ("attention", "sum")
+    ]
+    ctx.log_metrics({"seconds": emb.seconds + time.perf_counter() - t0, "embed_seconds": emb.seconds})
+    return pl.concat(frames)
+
 
 def group_influence_step(params: GroupInfluenceParams, ctx: StepContext) -> pl.DataFrame:
     from tda.influence import group_influence
 
+    if params.method == "airrep":
+        return airrep_groups(params, ctx)
     set_threads(params.resources.num_cpus)
     data, family, theta, meta = trained_split(ctx, params.model, params.data)
     group_ids, index = index_members(ctx.table(params.groups).collect(), "group_id", data.train_ids, "group")

@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
-from pipelines import StepContext, StepKind, StepParams, StepRef
+from pipelines import InputPath, StepContext, StepKind, StepParams, StepRef
 from tda.steps.common import damping_field, set_threads, trained_split
+from tda.steps.train_airrep import check_encoder
+
+GRADIENT_METHODS = ("if-exact", "if-cg", "if-lissa", "graddot", "gradcos")
 
 
 class InfluenceScoresParams(StepParams):
     """Scores (method, target_id, example_id, score): higher = the example helped the target."""
 
+    non_semantic = StepParams.non_semantic | {"embed_workers", "embed_batch_size"}
+
     kind: Literal["influence_scores"] = "influence_scores"
-    model: StepRef = Field(description="A train_model step.")
-    data: StepRef = Field(description="The split table the model was trained on.")
-    method: Literal["if-exact", "if-cg", "if-lissa", "graddot", "gradcos"] = Field(
-        description="Influence function (1/n)∇ℓ_tᵀH̄⁻¹∇ℓ_z with an exact, CG or LiSSA inverse-HVP; or the "
-        "gradient dot product / cosine."
+    model: StepRef | None = Field(None, description="A train_model step (the gradient methods).")
+    data: StepRef = Field(description="The split table the model was trained on (or the corpus split).")
+    method: Literal["if-exact", "if-cg", "if-lissa", "graddot", "gradcos", "airrep", "repsim"] = Field(
+        description="Influence function (1/n)∇ℓ_tᵀH̄⁻¹∇ℓ_z with an exact, CG or LiSSA inverse-HVP; the "
+        "gradient dot product / cosine; airrep = e(t)·e(z) of a trained AirRep; repsim = cosine of the "
+        "untrained encoder's mean-pooled features."
     )
+    encoder: StepRef | None = Field(None, description="airrep: a train_airrep step.")
+    encoder_path: InputPath | None = Field(
+        None,
+        description="airrep: a saved AirRep folder; repsim: a transformers encoder folder (null = MiniLM).",
+    )
+    mlflow_run: str | None = Field(
+        None, description="airrep: the MLflow run id of a train_airrep step (its `airrep` artifact)."
+    )
+    max_tokens: int = Field(64, gt=0, description="repsim: tokens per example.")
+    embed_workers: int = Field(1, gt=0, description="airrep/repsim: Ray Data actors that embed.")
+    embed_batch_size: int = Field(128, gt=0, description="airrep/repsim: examples per encoder forward.")
     damping: float = damping_field()
     top_k: int | None = Field(
         None, gt=0, description="Keep the k highest scores per target (null = all pairs)."
@@ -42,6 +59,36 @@ class InfluenceScoresParams(StepParams):
     lissa_repeats: int = Field(1, gt=0, description="if-lissa: independent runs averaged.")
     seed: int | None = Field(None, description="if-lissa minibatch seed (null = the spec's seed).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _driver_resources(cls, data: Any) -> Any:
+        """An embedding step's own task reserves no CPU by default: its Ray Data actors reserve theirs
+        (a driver holding a CPU while waiting for its actors could starve them)."""
+        if isinstance(data, dict) and data.get("method") in ("airrep", "repsim") and "resources" not in data:
+            return {**data, "resources": {"num_cpus": 0}}
+        return data
+
+    @model_validator(mode="after")
+    def _sources(self) -> InfluenceScoresParams:
+        given = [f for f in ("encoder", "encoder_path", "mlflow_run") if getattr(self, f) is not None]
+        if self.method in GRADIENT_METHODS:
+            if self.model is None:
+                raise ValueError(f"method {self.method} needs `model` (a train_model step)")
+            if given:
+                raise ValueError(f"method {self.method} uses `model`; drop {given[0]}")
+        elif self.method == "airrep" and len(given) != 1:
+            raise ValueError("method airrep needs exactly one of encoder, encoder_path and mlflow_run")
+        elif self.method == "repsim" and set(given) - {"encoder_path"}:
+            raise ValueError("method repsim takes only encoder_path (an encoder folder; null = MiniLM)")
+        return self
+
+    @field_validator("encoder_path")
+    @classmethod
+    def _encoder_folder(cls, value: InputPath | None, info: Any) -> InputPath | None:
+        if value is not None and info.data.get("method") == "repsim":
+            check_encoder(value)
+        return value
+
 
 def _solver_options(params: InfluenceScoresParams) -> dict:
     if params.method == "if-cg":
@@ -57,9 +104,66 @@ def _solver_options(params: InfluenceScoresParams) -> dict:
     return {}
 
 
+def encoder_source(params: Any, ctx: StepContext) -> Any:
+    """Where the embedding model of an airrep/repsim step comes from."""
+    from tda.steps.embedding import EncoderSource
+
+    if params.method == "repsim":
+        return EncoderSource("repsim", params.encoder_path, params.max_tokens)
+    if params.encoder is not None:
+        path = ctx.input(params.encoder).model_dir
+    elif params.mlflow_run is not None:
+        path = ctx.mlflow_artifacts(params.mlflow_run, "airrep")
+    else:
+        path = params.encoder_path
+    return EncoderSource("airrep", str(path))
+
+
+def embedding_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.DataFrame:
+    """airrep / repsim: embed on Ray Data, then blocked dot products (top-k per target if asked)."""
+    from tda.airrep.score import score_frame
+    from tda.steps.embedding import embed_split
+
+    set_threads(max(1.0, params.resources.num_cpus))
+    emb = embed_split(
+        ctx,
+        params.data,
+        encoder_source(params, ctx),
+        batch_size=params.embed_batch_size,
+        workers=params.embed_workers,
+        save_to=ctx.output_dir / "embeddings.parquet",
+    )
+    t0 = time.perf_counter()
+    frame = score_frame(
+        params.method,
+        emb.target_ids,
+        emb.targets,
+        emb.train_ids,
+        emb.train,
+        top_k=params.top_k,
+        block_size=params.block_size,
+        cosine=params.method == "repsim",
+    )
+    score_seconds = time.perf_counter() - t0
+    seconds = emb.seconds + score_seconds
+    ctx.log_metrics(
+        {
+            "seconds": seconds,
+            "embed_seconds": emb.seconds,
+            "embed_wall_seconds": emb.wall_seconds,
+            "score_seconds": score_seconds,
+            "examples_per_second": emb.count / seconds,
+            "targets_per_second": len(emb.target_ids) / seconds,
+        }
+    )
+    return frame
+
+
 def influence_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.DataFrame:
     from tda.influence import example_scores
 
+    if params.method not in GRADIENT_METHODS:
+        return embedding_scores(params, ctx)
     set_threads(params.resources.num_cpus)
     data, family, theta, meta = trained_split(ctx, params.model, params.data)
     t0 = time.perf_counter()
@@ -85,6 +189,7 @@ def influence_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.Data
         {
             "seconds": seconds,
             "targets_per_second": len(data.target_ids) / seconds,
+            "examples_per_second": (data.n + len(data.target_ids)) / seconds,
             **{k: float(v) for k, v in info.items() if isinstance(v, int | float)},
         }
     )

@@ -1,0 +1,572 @@
+"""Training AirRep from subset experiments: labels, episodes, the weighted RankNet loss, the loop.
+
+Data. `Experiments` holds the training pool (example ids and texts), the targets, the fit subsets (as
+row positions into the pool) and the labels: per target, the losses of the subsets it was measured on,
+z-normalised over its split's training subsets, sign-flipped (higher = the subset helped) and clipped
+to ±10.
+
+Roles. Targets are split into `fit` (trained on), `val` (model selection) and `heldout` (never seen:
+the reported LDS); the fit subsets into `train` and `val` subsets. The experiments' `eval` subsets are
+not touched here; they stay held out for the LDS step. Validation LDS = val targets × val subsets.
+
+A step is `episodes_per_step` episodes. An episode samples one split, `targets_per_episode` of its fit
+targets and `subsets_per_episode` of its train subsets; member scores s = e(t)·e(z) are pooled per
+subset with attention (Σ softmax(|s|) s), and for every target each pair of subsets (j, k) with
+y_j > y_k adds w·softplus(−(ĝ_j − ĝ_k)), w = clamp(y_j − y_k, 0, 10); an episode's loss is the
+w-weighted mean. Episodes are drawn from an RNG seeded by (seed, step, episode), so the run is the same
+on any number of workers: with W workers, worker r takes episodes r, r+W, …, and the gradients are
+summed across workers (torch.distributed all_reduce) and divided by the global episode count, which is
+the 1-worker gradient exactly.
+
+Frozen body. `trainable: projection` caches the encoder's pooled features once; `last_n_layers`
+caches the hidden states entering the last n layers once and runs only those layers per step.
+
+Checkpoints (`checkpoint_dir`, every `checkpoint_every` steps, written by rank 0, renamed into place):
+the trained parameters, the optimizer state, the step, the loss/validation history and the best
+parameters so far. A (re)started run resumes from the latest one and continues identically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tda.airrep.model import AirRep, attention_pool, example_text
+from tda.errors import DataError
+
+LABEL_CLIP, WEIGHT_CLIP = 10.0, 10.0
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe (see the module docstring)."""
+
+    trainable: str = "last_n_layers"
+    n_layers: int = 1
+    steps: int = 200
+    lr: float = 1e-4
+    projection_lr: float | None = None  # null = lr
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    anchor: float = 0.0  # L2 pull of the trained parameters towards their starting values (L2-SP)
+    grad_clip: float = 1.0
+    episodes_per_step: int = 2
+    targets_per_episode: int = 16
+    subsets_per_episode: int = 8
+    eval_every: int = 25
+    checkpoint_every: int = 25
+    batch_size: int = 128  # examples per encoder forward
+    seed: int = 0
+
+
+@dataclass
+class Experiments:
+    """What AirRep learns from; rows index `texts` = pool examples followed by targets."""
+
+    example_ids: np.ndarray  # (n,) pool examples
+    target_ids: np.ndarray  # (m,)
+    texts: list[str]  # n + m texts
+    subset_ids: np.ndarray  # (J,) fit subsets
+    members: list[np.ndarray]  # J arrays of pool rows
+    subset_split: np.ndarray  # (J,) split of each subset
+    subset_role: np.ndarray  # (J,) "train" | "val"
+    target_split: np.ndarray  # (m,)
+    target_role: np.ndarray  # (m,) "fit" | "val" | "heldout"
+    labels: np.ndarray  # (J, m) float32, NaN where not measured (or other split)
+
+    @property
+    def n(self) -> int:
+        return len(self.example_ids)
+
+    def target_rows(self, positions: np.ndarray) -> np.ndarray:
+        return self.n + positions
+
+
+# --------------------------------------------------------------------------- building the data
+
+
+def assign_roles(
+    ids: np.ndarray, splits: np.ndarray, fractions: dict[str, float], default: str, seed: int
+) -> np.ndarray:
+    """A role per id: within each split, round(fraction·count) ids get each named role, the rest
+    `default`; the draw depends on the ids and the seed only."""
+    rng = np.random.default_rng(seed)
+    roles = np.full(len(ids), default, dtype=object)
+    for s in np.unique(splits):
+        where = np.flatnonzero(splits == s)
+        where = where[rng.permutation(len(where))]
+        start = 0
+        for role, fraction in fractions.items():
+            count = int(round(fraction * len(where)))
+            roles[where[start : start + count]] = role
+            start += count
+    return roles.astype(str)
+
+
+def normalised_labels(losses: np.ndarray, use: np.ndarray) -> np.ndarray:
+    """Per column: −(loss − mean)/std over the rows where `use` (and the loss is known), clipped ±10.
+
+    losses: (J, m) with NaN where unmeasured; use: (J,) bool, the subsets whose statistics count.
+    """
+    ref = np.where(use[:, None], losses, np.nan)
+    with np.errstate(invalid="ignore"), _quiet_nan_warnings():
+        mean = np.nanmean(ref, axis=0)
+        std = np.nanstd(ref, axis=0)
+    std = np.where(std > 0, std, np.inf)  # a constant column gives 0 labels: nothing to rank
+    return np.clip(-(losses - mean) / std, -LABEL_CLIP, LABEL_CLIP).astype(np.float32)
+
+
+class _quiet_nan_warnings:
+    def __enter__(self) -> None:
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def build_experiments(
+    split_table: pl.DataFrame,
+    subsets: pl.DataFrame,
+    effects: pl.DataFrame,
+    *,
+    heldout_targets: float,
+    val_fraction: float,
+    seed: int,
+) -> Experiments:
+    """Experiments from a split corpus table, a subsets table and an effects table (see the tables).
+
+    Only `fit` subsets are used. In the AirRep layout (a `split_id` column) a split's subsets are
+    labelled on that split's targets only; otherwise every fit subset on every target.
+    """
+    for name, frame, cols in (
+        ("data", split_table, ("example_id", "prompt", "response", "split")),
+        ("subsets", subsets, ("subset_id", "example_id", "purpose")),
+        ("effects", effects, ("subset_id", "target_id", "loss")),
+    ):
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise DataError(
+                f"{name}: lacks column(s) {', '.join(missing)}; it has {', '.join(frame.columns)}"
+            )
+    train = split_table.filter(pl.col("split") == "train").sort("example_id")
+    targets = split_table.filter(pl.col("split") == "target").sort("example_id")
+    has_split = "split_id" in subsets.columns
+    fit = subsets.filter(pl.col("purpose") == "fit")
+    if fit.is_empty():
+        raise DataError("subsets: no `fit` subsets to learn from; sample subsets with eval_fraction < 1")
+    example_ids = train["example_id"].to_numpy()
+    target_ids = targets["example_id"].to_numpy()
+    pos = {int(e): i for i, e in enumerate(example_ids)}
+    grouped = fit.group_by("subset_id").agg(
+        pl.col("example_id"), (pl.col("split_id").first() if has_split else pl.lit(0)).alias("split_id")
+    )
+    grouped = grouped.sort("subset_id")
+    subset_ids = grouped["subset_id"].to_numpy()
+    members = []
+    for sid, ids in zip(subset_ids, grouped["example_id"].to_list(), strict=True):
+        try:
+            members.append(np.array([pos[int(e)] for e in ids], dtype=np.int64))
+        except KeyError as exc:
+            raise DataError(
+                f"subsets: subset {sid} has example_id {exc.args[0]}, which is not a training row of `data`; "
+                "sample the subsets from the same split step"
+            ) from None
+    subset_split = grouped["split_id"].to_numpy().astype(np.int64)
+    target_split = np.zeros(len(target_ids), dtype=np.int64)
+    if has_split:
+        tmap = subsets.filter(pl.col("purpose") == "target").select("example_id", "split_id")
+        if tmap.height:
+            lookup = dict(zip(tmap["example_id"].to_list(), tmap["split_id"].to_list(), strict=True))
+            target_split = np.array([lookup.get(int(t), -1) for t in target_ids], dtype=np.int64)
+    losses = _loss_matrix(effects, subset_ids, target_ids)
+    losses[subset_split[:, None] != target_split[None, :]] = np.nan
+    subset_role = assign_roles(subset_ids, subset_split, {"val": val_fraction}, "train", seed)
+    target_role = assign_roles(
+        target_ids, target_split, {"heldout": heldout_targets, "val": val_fraction}, "fit", seed + 1
+    )
+    target_role = np.where(target_split < 0, "unused", target_role)  # not in place: "<U3" would truncate
+    labels = normalised_labels(losses, subset_role == "train")
+    texts = [example_text(p, r) for p, r in zip(train["prompt"], train["response"], strict=True)]
+    texts += [example_text(p, r) for p, r in zip(targets["prompt"], targets["response"], strict=True)]
+    exp = Experiments(
+        example_ids,
+        target_ids,
+        texts,
+        subset_ids,
+        members,
+        subset_split,
+        subset_role,
+        target_split,
+        target_role,
+        labels,
+    )
+    check_rankable(exp, losses)
+    return exp
+
+
+def _loss_matrix(effects: pl.DataFrame, subset_ids: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
+    rows = effects.filter(pl.col("subset_id").is_in(subset_ids) & pl.col("target_id").is_in(target_ids))
+    rows = rows.group_by("subset_id", "target_id").agg(pl.col("loss").cast(pl.Float64).mean())
+    losses = np.full((len(subset_ids), len(target_ids)), np.nan)
+    losses[np.searchsorted(subset_ids, rows["subset_id"]), np.searchsorted(target_ids, rows["target_id"])] = (
+        rows["loss"].to_numpy()
+    )
+    return losses
+
+
+def check_rankable(exp: Experiments, losses: np.ndarray) -> None:
+    """Every fit target needs losses on ≥ 2 train subsets (a ranking needs two things to order)."""
+    train = exp.subset_role == "train"
+    fit = np.flatnonzero(exp.target_role == "fit")
+    if len(fit) == 0:
+        raise DataError(
+            "train_airrep: no fit targets are left after heldout_targets and val_fraction; lower them"
+        )
+    counts = np.isfinite(losses[train][:, fit]).sum(axis=0)
+    if counts.min() < 2:
+        worst = fit[int(np.argmin(counts))]
+        raise DataError(
+            f"effects: target {exp.target_ids[worst]} has losses for {int(counts.min())} train subset(s); "
+            "AirRep ranks subsets per target, so measure every target on at least 2 fit subsets "
+            "(more n_subsets, or a lower val_fraction)"
+        )
+
+
+# --------------------------------------------------------------------------- features
+
+
+class Featurizer:
+    """Embeds rows of `texts` with the trainable part of the model; the frozen part is cached once."""
+
+    def __init__(
+        self, model: AirRep, texts: list[str], config: TrainConfig, device: torch.device | None = None
+    ) -> None:
+        self.model, self.config = model, config
+        self.device = device or torch.device("cpu")
+        self.mode, self.n_layers = config.trainable, config.n_layers
+        self.texts = texts
+        self.cache: list[Any] = []
+        with torch.no_grad():
+            for i in range(0, len(texts), config.batch_size):
+                batch = {
+                    k: v.to(self.device) for k, v in model.tokenize(texts[i : i + config.batch_size]).items()
+                }
+                if self.mode == "projection":
+                    self.cache.append(model.pooled(**batch))
+                elif self.mode == "last_n_layers":
+                    states = model.body_states(**batch, n_layers=self.n_layers)
+                    lengths = batch["attention_mask"].sum(1)
+                    self.cache.extend(s[:k].clone() for s, k in zip(states, lengths.tolist(), strict=True))
+                else:
+                    ids, mask = batch["input_ids"], batch["attention_mask"]
+                    self.cache.extend(row[: int(k)].clone() for row, k in zip(ids, mask.sum(1), strict=True))
+        if self.mode == "projection":
+            self.features = torch.cat(self.cache)
+
+    def __call__(self, rows: np.ndarray) -> Tensor:
+        """Embeddings of `rows` (len(rows), d), differentiable in the trainable parameters."""
+        if self.mode == "projection":
+            return self.model.projection(self.features[torch.as_tensor(rows, device=self.device)])
+        out = []
+        for i in range(0, len(rows), self.config.batch_size):
+            chunk = [self.cache[int(r)] for r in rows[i : i + self.config.batch_size]]
+            mask = _mask(chunk).to(self.device)
+            padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True)
+            if self.mode == "last_n_layers":
+                out.append(self.model.tail(padded, mask, self.n_layers))
+            else:
+                out.append(self.model(padded, mask))
+        return torch.cat(out)
+
+
+def _mask(chunk: list[Tensor]) -> Tensor:
+    lengths = torch.tensor([len(c) for c in chunk])
+    return (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def ranknet_loss(pred: Tensor, labels: Tensor) -> Tensor:
+    """Weighted pairwise RankNet over subsets, per target; pred and labels (B, J), NaN labels skipped.
+
+    Σ w_jk softplus(−(ĝ_j − ĝ_k)) / Σ w_jk with w_jk = clamp(y_j − y_k, 0, 10).
+    """
+    known = torch.isfinite(labels)
+    y = torch.nan_to_num(labels, nan=0.0)
+    w = (y[:, :, None] - y[:, None, :]).clamp(0.0, WEIGHT_CLIP)
+    w = w * (known[:, :, None] & known[:, None, :])
+    total = w.sum()
+    if total <= 0:
+        return pred.sum() * 0.0
+    return (w * F.softplus(-(pred[:, :, None] - pred[:, None, :]))).sum() / total
+
+
+def pooled_predictions(target_emb: Tensor, member_emb: Tensor, index: Tensor, mask: Tensor) -> Tensor:
+    """Attention-pooled group scores (B, J): index/mask (J, kmax) into member_emb's rows."""
+    scores = target_emb @ member_emb.T  # (B, U)
+    return attention_pool(scores[:, index], mask[None, :, :].expand(scores.shape[0], -1, -1))
+
+
+def padded_members(members: list[np.ndarray]) -> tuple[np.ndarray, Tensor, Tensor]:
+    """(unique rows, index (J, kmax) into them, mask (J, kmax)) for a list of member-row arrays."""
+    unique, inverse = np.unique(np.concatenate(members), return_inverse=True)
+    kmax = max(len(m) for m in members)
+    index = torch.zeros(len(members), kmax, dtype=torch.long)
+    mask = torch.zeros(len(members), kmax, dtype=torch.bool)
+    start = 0
+    for j, m in enumerate(members):
+        index[j, : len(m)] = torch.as_tensor(inverse[start : start + len(m)])
+        mask[j, : len(m)] = True
+        start += len(m)
+    return unique, index, mask
+
+
+# --------------------------------------------------------------------------- episodes
+
+
+@dataclass(frozen=True)
+class Episode:
+    targets: np.ndarray  # target positions
+    subsets: np.ndarray  # subset positions
+
+
+def episode(exp: Experiments, config: TrainConfig, step: int, number: int) -> Episode:
+    """The `number`-th episode of `step`: the same on every worker and on a resumed run."""
+    rng = np.random.default_rng([config.seed, step, number])
+    fit_targets = exp.target_role == "fit"
+    splits = np.unique(exp.subset_split[(exp.subset_role == "train")])
+    splits = [s for s in splits if fit_targets[exp.target_split == s].any()]
+    split = splits[int(rng.integers(len(splits)))]
+    targets = np.flatnonzero(fit_targets & (exp.target_split == split))
+    subsets = np.flatnonzero((exp.subset_role == "train") & (exp.subset_split == split))
+    targets = rng.choice(targets, size=min(config.targets_per_episode, len(targets)), replace=False)
+    subsets = rng.choice(subsets, size=min(config.subsets_per_episode, len(subsets)), replace=False)
+    return Episode(np.sort(targets), np.sort(subsets))
+
+
+def episode_loss(exp: Experiments, embed: Featurizer, ep: Episode) -> Tensor:
+    unique, index, mask = padded_members([exp.members[j] for j in ep.subsets])
+    rows = np.concatenate([exp.target_rows(ep.targets), unique])
+    emb = embed(rows)
+    index, mask = index.to(emb.device), mask.to(emb.device)
+    pred = pooled_predictions(emb[: len(ep.targets)], emb[len(ep.targets) :], index, mask)
+    labels = torch.as_tensor(exp.labels[np.ix_(ep.subsets, ep.targets)].T, device=emb.device)  # (B, J)
+    return ranknet_loss(pred, labels)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validation_lds(exp: Experiments, embed: Featurizer, role: str = "val", subset_role: str = "val") -> float:
+    """Mean Spearman over `role` targets between attention-pooled predictions and labels over the
+    `subset_role` subsets (within each split). NaN when there are none."""
+    from scipy.stats import spearmanr
+
+    targets = np.flatnonzero(exp.target_role == role)
+    subsets = np.flatnonzero(exp.subset_role == subset_role)
+    if len(targets) == 0 or len(subsets) < 3:
+        return float("nan")
+    unique, index, mask = padded_members([exp.members[j] for j in subsets])
+    emb = embed(np.concatenate([exp.target_rows(targets), unique]))
+    index, mask = index.to(emb.device), mask.to(emb.device)
+    pred = pooled_predictions(emb[: len(targets)], emb[len(targets) :], index, mask).cpu().numpy()  # (m, J)
+    labels = exp.labels[np.ix_(subsets, targets)].T
+    rhos = []
+    for p, y in zip(pred, labels, strict=True):
+        ok = np.isfinite(y)
+        if ok.sum() >= 3 and np.ptp(y[ok]) > 0:
+            rhos.append(spearmanr(p[ok], y[ok]).statistic)
+    return float(np.nanmean(rhos)) if rhos else float("nan")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_lds: float = -math.inf
+    best_step: int = -1
+    best_params: dict[str, Tensor] | None = None
+    resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
+
+
+def trained_parameters(model: AirRep) -> dict[str, Tensor]:
+    return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def latest_checkpoint(folder: Path | None) -> Path | None:
+    if folder is None or not folder.is_dir():
+        return None
+    found = sorted(folder.glob(f"{CHECKPOINT_PREFIX}*.pt"))
+    return found[-1] if found else None
+
+
+def train(
+    model: AirRep,
+    exp: Experiments,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: Path | None = None,
+    report: Callable[[dict[str, float]], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    device: torch.device | None = None,
+) -> TrainState:
+    """Train `model` in place (on every rank of torch.distributed when it is initialised); at the end
+    the model holds the best validation parameters (the last ones when there is no validation)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if config.episodes_per_step % world:
+        raise DataError(
+            f"episodes_per_step {config.episodes_per_step} must be a multiple of num_workers {world}"
+        )
+    params = model.set_trainable(config.trainable, config.n_layers)
+    t0 = time.perf_counter()
+    embed = Featurizer(model, exp.texts, config, device)
+    if log:
+        log(
+            f"cached {config.trainable} features of {len(exp.texts)} texts in {time.perf_counter() - t0:.1f}s"
+        )
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    proj = [p for k, p in model.named_parameters() if p.requires_grad and k.startswith("projection.")]
+    body = [p for k, p in model.named_parameters() if p.requires_grad and not k.startswith("projection.")]
+    groups = [{"params": proj, "lr": config.projection_lr or config.lr}]
+    if body:
+        groups.append({"params": body, "lr": config.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]
+    start = trained_parameters(model) if config.anchor > 0 else {}
+    state = TrainState()
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is not None:
+        state = _restore(latest, model, optimizer, names)
+        state.resumed_from.append(state.step)
+        if log:
+            log(f"resumed from {latest.name} (step {state.step})")
+    while state.step < config.steps:
+        step = state.step
+        factor = _lr_factor(step, config)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        optimizer.zero_grad(set_to_none=False)
+        local = 0.0
+        for number in range(rank, config.episodes_per_step, world):
+            loss = episode_loss(exp, embed, episode(exp, config, step, number)) / config.episodes_per_step
+            loss.backward()
+            local += float(loss.detach())
+        if start and rank == 0:  # the penalty's gradient enters once, before the all-reduce
+            drift = sum(((p - start[k]) ** 2).sum() for k, p in zip(names, params, strict=True))
+            (config.anchor * drift).backward()
+        loss_value = _all_reduce(params, local, distributed)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        optimizer.step()
+        state.step = step + 1
+        record = {"step": state.step, "loss": loss_value, "grad_norm": grad_norm, "lr": config.lr * factor}
+        due = config.eval_every and (state.step % config.eval_every == 0 or state.step == config.steps)
+        if due and rank == 0:
+            val = validation_lds(exp, embed)
+            record["val_lds"] = val
+            if math.isfinite(val) and val > state.best_lds:
+                state.best_lds, state.best_step = val, state.step
+                state.best_params = trained_parameters(model)
+        state.history.append(record)
+        if (
+            rank == 0
+            and checkpoint_dir is not None
+            and (state.step % config.checkpoint_every == 0 or state.step == config.steps)
+        ):
+            _save(checkpoint_dir, state, model, optimizer, names)
+        if report is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
+            report(record)
+        if log and (state.step % max(1, config.steps // 10) == 0 or state.step == 1):
+            extra = f" val_lds {record['val_lds']:.3f}" if "val_lds" in record else ""
+            log(f"step {state.step}/{config.steps} loss {loss_value:.4f}{extra}")
+    if state.best_params is not None:
+        _load_params(model, state.best_params)
+    return state
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then linear decay to 0."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    rest = max(1, config.steps - config.warmup_steps)
+    return max(0.0, 1.0 - (step - config.warmup_steps) / rest)
+
+
+def _all_reduce(params: list[Tensor], loss: float, distributed: bool) -> float:
+    """Sum gradients and the loss over workers (each holds its episodes' share already)."""
+    if not distributed:
+        return loss
+    import torch.distributed as dist
+
+    flat = torch.cat(
+        [p.grad.reshape(-1) for p in params]
+        + [torch.tensor([loss], dtype=params[0].dtype, device=params[0].device)]
+    )
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return float(flat[-1])
+
+
+def _save(folder: Path, state: TrainState, model: AirRep, optimizer: Any, names: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "state": {k: v for k, v in asdict(state).items() if k != "best_params"},
+        "best_params": state.best_params,
+        "params": trained_parameters(model),
+        "names": names,
+        "optimizer": optimizer.state_dict(),
+    }
+    path = folder / f"{CHECKPOINT_PREFIX}{state.step:07d}.pt"
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    torch.save(payload, tmp)
+    tmp.rename(path)
+    for old in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*.pt"))[:-2]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _restore(path: Path, model: AirRep, optimizer: Any, names: list[str]) -> TrainState:
+    payload = torch.load(path, weights_only=False)
+    if payload["names"] != names:
+        raise DataError(
+            f"checkpoint {path}: it trains other parameters than this config; delete it or restore the config"
+        )
+    _load_params(model, payload["params"])
+    optimizer.load_state_dict(payload["optimizer"])
+    state = TrainState(**payload["state"])
+    state.best_params = payload["best_params"]
+    return state
+
+
+def _load_params(model: AirRep, values: dict[str, Tensor]) -> None:
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in values.items():
+            named[k].copy_(v)

@@ -1,0 +1,128 @@
+"""Embedding a corpus split with an AirRep model (or the plain encoder, for RepSim) on Ray Data.
+
+The split table's Parquet shards are read by Ray Data and embedded by `map_batches` on an actor pool
+(`workers` actors, each loading the encoder once); the embeddings come back to the step in order of
+example id and are written beside the step's table as `embeddings.parquet` (example_id, split, embedding).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipelines import StepContext
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """Which encoder embeds: a saved AirRep folder (`airrep`) or an encoder folder (`repsim`, pooled
+    features without projection)."""
+
+    kind: str  # "airrep" | "repsim"
+    path: str | None  # None = the shipped MiniLM (repsim)
+    max_tokens: int = 64
+
+    def load(self) -> Any:
+        from tda.airrep.model import AirRep
+
+        if self.kind == "airrep":
+            return AirRep.load(self.path)
+        return AirRep.from_encoder(self.path, self.max_tokens)
+
+
+class _Embedder:
+    """A Ray Data actor: the encoder is loaded once; each batch becomes (example_id, split, embedding)."""
+
+    def __init__(self, source: EncoderSource, batch_size: int, threads: float) -> None:
+        from tda.steps.common import set_threads
+
+        set_threads(threads)
+        self.model = source.load()
+        self.project = source.kind == "airrep"
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from tda.airrep.model import example_text
+
+        t0 = time.perf_counter()
+        texts = [example_text(p, r) for p, r in zip(batch["prompt"], batch["response"], strict=True)]
+        emb = self.model.embed(texts, self.batch_size, project=self.project).numpy().astype(np.float32)
+        share = np.full(len(texts), (time.perf_counter() - t0) / max(1, len(texts)))  # sums to compute time
+        return {
+            "example_id": batch["example_id"],
+            "split": batch["split"],
+            "embedding": emb,
+            "seconds": share,
+        }
+
+
+@dataclass
+class Embeddings:
+    train_ids: np.ndarray
+    train: Any  # torch.Tensor (n, d)
+    target_ids: np.ndarray
+    targets: Any  # torch.Tensor (m, d)
+    seconds: float  # encoder compute, summed over actors
+    wall_seconds: float  # Ray Data wall time, actor start and encoder loading included
+
+    @property
+    def count(self) -> int:
+        return len(self.train_ids) + len(self.target_ids)
+
+
+def embed_split(
+    ctx: StepContext,
+    data: str,
+    source: EncoderSource,
+    *,
+    batch_size: int = 128,
+    workers: int = 1,
+    cpus_per_worker: float = 1.0,
+    save_to: Path | None = None,
+) -> Embeddings:
+    """Embed the train and target rows of split step `data` on Ray Data; optionally save them."""
+    import ray.data
+    import torch
+
+    ray_ctx = ray.data.DataContext.get_current()
+    ray_ctx.enable_progress_bars = False
+    ray_ctx.print_on_execution_start = False
+    files = sorted(str(f) for f in ctx.input(data).data_dir.glob("*.parquet"))
+    t0 = time.perf_counter()
+    ds = ray.data.read_parquet(files, columns=["example_id", "prompt", "response", "split"])
+    ds = ds.map_batches(
+        _Embedder,
+        fn_constructor_args=(source, batch_size, cpus_per_worker),
+        batch_size=4 * batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cpus_per_worker,
+    )
+    ids, splits, parts, compute = [], [], [], 0.0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        compute += float(batch["seconds"].sum())
+        ids.append(batch["example_id"])
+        splits.append(batch["split"])
+        parts.append(batch["embedding"])
+    wall = time.perf_counter() - t0
+    ids_all, splits_all, emb = np.concatenate(ids), np.concatenate(splits).astype(str), np.concatenate(parts)
+    order = np.argsort(ids_all, kind="stable")
+    ids_all, splits_all, emb = ids_all[order], splits_all[order], emb[order]
+    if save_to is not None:
+        pl.DataFrame(
+            {"example_id": ids_all.astype(np.int64), "split": splits_all, "embedding": emb},
+        ).write_parquet(save_to)
+    train, target = splits_all == "train", splits_all == "target"
+    return Embeddings(
+        ids_all[train].astype(np.int64),
+        torch.from_numpy(emb[train]),
+        ids_all[target].astype(np.int64),
+        torch.from_numpy(emb[target]),
+        compute,
+        wall,
+    )

@@ -1,0 +1,248 @@
+"""`train_airrep`: train the AirRep encoder from subset effects, data-parallel on Ray Train.
+
+The step reads the corpus split, the subsets and the effects, checks them (one line per problem, before
+any training), then runs `tda.airrep.train.train` on `num_workers` Ray Train workers (torch DDP-style
+gradient all-reduce: gloo on CPU, nccl on GPU). Rank 0 writes checkpoints into the step's scratch
+folder in the store every `checkpoint_every` steps; a worker that dies is restarted by Ray Train
+(`max_failures`) and the group resumes from the latest checkpoint, and so does a re-run of a failed step.
+
+Output: the model folder (transformers encoder + projection safetensors, loadable with
+`tda.airrep.model.AirRep.load`, also logged to MLflow as the step run's `airrep` artifact) and the
+table of target roles `target_id int64, split_id int64, role str ∈ {fit, val, heldout, unused}`: join
+it with an LDS table to report held-out targets apart from the ones AirRep was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import Field, field_validator, model_validator
+
+from pipelines import InputPath, Resources, StepContext, StepKind, StepParams, StepRef
+from tda.steps.common import set_threads
+
+
+def encoder_field(description: str) -> Any:
+    return Field(None, description=description)
+
+
+def check_encoder(value: InputPath | None) -> InputPath | None:
+    """Spec-time check that a local encoder folder is a transformers encoder (one line otherwise)."""
+    from tda.airrep.model import check_encoder_folder
+
+    if value is not None and "://" not in value:
+        check_encoder_folder(value)
+    return value
+
+
+class TrainAirRepParams(StepParams):
+    """AirRep: encoder + projection trained with a weighted RankNet loss to rank subsets per target."""
+
+    non_semantic = StepParams.non_semantic | {
+        "num_workers",
+        "cpus_per_worker",
+        "use_gpu",
+        "max_failures",
+        "checkpoint_every",
+    }
+
+    kind: Literal["train_airrep"] = "train_airrep"
+    data: StepRef = Field(description="The corpus split the experiments used (prompt/response).")
+    subsets: StepRef = Field(description="The sample_subsets step of the experiments (its `fit` subsets).")
+    effects: StepRef = Field(description="The subset_effects step: every fit subset's loss on the targets.")
+    encoder: InputPath | None = Field(
+        None, description="A transformers encoder folder (null = the shipped all-MiniLM-L6-v2)."
+    )
+    max_tokens: int = Field(64, gt=0, description="Tokens per example (longer texts are truncated).")
+    trainable: Literal["all", "last_n_layers", "projection"] = Field(
+        "last_n_layers", description="What is trained; a frozen body's output is computed once and cached."
+    )
+    n_layers: int = Field(1, gt=0, description="last_n_layers: how many of the encoder's last layers.")
+    steps: int = Field(200, gt=0, description="Optimizer steps.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the encoder layers.")
+    projection_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the projection (null = lr)."
+    )
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps, then linear decay to 0.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    anchor: float = Field(
+        0.0, ge=0, description="L2 pull of the trained weights towards their start (L2-SP; 0 = off)."
+    )
+    episodes_per_step: int = Field(
+        2, gt=0, description="Episodes per step (the global batch); a multiple of num_workers."
+    )
+    targets_per_episode: int = Field(16, gt=0, description="Fit targets sampled per episode.")
+    subsets_per_episode: int = Field(8, ge=2, description="Train subsets ranked per episode.")
+    heldout_targets: float = Field(
+        0.5, ge=0, lt=1, description="Share of targets never trained on nor used for selection (reported)."
+    )
+    val_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Share of targets and of fit subsets kept for validation (best checkpoint).",
+    )
+    eval_every: int = Field(25, gt=0, description="Validation LDS every this many steps.")
+    checkpoint_every: int = Field(25, gt=0, description="Checkpoint (and report to Ray Train) every N steps.")
+    batch_size: int = Field(128, gt=0, description="Examples per encoder forward pass.")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data parallel).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (also its torch threads).")
+    use_gpu: bool = Field(False, description="One GPU per worker (nccl); else CPU (gloo).")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts Ray Train allows.")
+    seed: int | None = Field(None, description="Seed of roles and episodes (null = the spec's seed).")
+    resources: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0),
+        description="Ray resources of the driver task (the workers reserve their own).",
+    )
+
+    _check_encoder = field_validator("encoder")(check_encoder)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> TrainAirRepParams:
+        if self.heldout_targets + self.val_fraction >= 1:
+            raise ValueError("heldout_targets + val_fraction must leave some fit targets (sum < 1)")
+        if self.episodes_per_step % self.num_workers:
+            raise ValueError(
+                f"episodes_per_step ({self.episodes_per_step}) must be a multiple of num_workers "
+                f"({self.num_workers}) so every worker has the same share"
+            )
+        return self
+
+    def demands(self) -> dict[str, tuple[float, str]]:
+        out = super().demands()
+        cpu, _ = out["CPU"]
+        out["CPU"] = (cpu + self.num_workers * self.cpus_per_worker, "num_workers")
+        if self.use_gpu:
+            out["GPU"] = (out["GPU"][0] + self.num_workers, "num_workers")
+        return out
+
+    def train_config(self) -> dict[str, Any]:
+        from tda.airrep.train import TrainConfig
+
+        keys = [name for name in TrainConfig.__dataclass_fields__ if name != "seed"]
+        return {k: getattr(self, k) for k in keys} | {"seed": self.seed or 0}
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: load the encoder, train (resuming from the latest checkpoint), rank 0 saves."""
+    import ray
+    import ray.train
+    import torch
+
+    from tda.airrep.model import AirRep
+    from tda.airrep.train import TrainConfig, train
+
+    set_threads(config["cpus_per_worker"])
+    torch.manual_seed(0)
+    rank = ray.train.get_context().get_world_rank()
+    exp = ray.get(config["experiments"])
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    model = AirRep.from_encoder(config["encoder"], config["max_tokens"]).to(device)
+    scratch = Path(config["scratch"])
+    t0 = time.perf_counter()
+    state = train(
+        model,
+        exp,
+        TrainConfig(**config["train"]),
+        checkpoint_dir=scratch / "checkpoints",
+        report=ray.train.report,
+        log=(lambda line: print(f"[train_airrep] {line}", flush=True)) if rank == 0 else None,
+        device=device,
+    )
+    if rank == 0:
+        tmp = scratch / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.cpu().save(tmp)
+        summary = {
+            "history": state.history,
+            "best_step": state.best_step,
+            "best_val_lds": state.best_lds,
+            "resumed_from": state.resumed_from,
+            "seconds": time.perf_counter() - t0,
+        }
+        (tmp / "history.json").write_text(json.dumps(summary))
+        shutil.rmtree(scratch / "final", ignore_errors=True)
+        tmp.rename(scratch / "final")
+
+
+def train_airrep(params: TrainAirRepParams, ctx: StepContext) -> pl.DataFrame:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tda.airrep.model import default_encoder_path
+    from tda.airrep.train import build_experiments
+
+    exp = build_experiments(
+        ctx.table(params.data).collect(),
+        ctx.table(params.subsets).collect(),
+        ctx.table(params.effects).collect(),
+        heldout_targets=params.heldout_targets,
+        val_fraction=params.val_fraction,
+        seed=params.seed or 0,
+    )
+    encoder = str(params.encoder or default_encoder_path())
+    scratch = ctx.scratch_dir
+    config = {
+        "experiments": ray.put(exp),
+        "encoder": encoder,
+        "max_tokens": params.max_tokens,
+        "cpus_per_worker": params.cpus_per_worker,
+        "use_gpu": params.use_gpu,
+        "scratch": str(scratch),
+        "train": params.train_config(),
+    }
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=params.num_workers,
+            use_gpu=params.use_gpu,
+            resources_per_worker={"CPU": params.cpus_per_worker, **({"GPU": 1} if params.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=f"airrep-{ctx.key[:16]}",
+            storage_path=str(scratch / "ray_train"),
+            failure_config=FailureConfig(max_failures=params.max_failures),
+        ),
+    )
+    t0 = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - t0
+    final = scratch / "final"
+    summary = json.loads((final / "history.json").read_text())
+    shutil.copytree(final, ctx.model_dir, dirs_exist_ok=True)
+    shutil.copytree(final, ctx.artifacts_dir / "airrep", dirs_exist_ok=True)
+    for record in summary["history"]:
+        for name in ("loss", "val_lds", "grad_norm"):
+            if name in record and np.isfinite(record[name]):
+                ctx.log_metric(name, record[name], record["step"])
+    ctx.log_metrics(
+        {
+            "seconds": seconds,
+            "train_seconds": summary["seconds"],
+            "best_step": summary["best_step"],
+            "best_val_lds": summary["best_val_lds"],
+            "resumes": len(summary["resumed_from"]),
+            "fit_targets": int((exp.target_role == "fit").sum()),
+            "heldout_targets": int((exp.target_role == "heldout").sum()),
+            "train_subsets": int((exp.subset_role == "train").sum()),
+        }
+    )
+    return pl.DataFrame(
+        {
+            "target_id": exp.target_ids.astype(np.int64),
+            "split_id": exp.target_split.astype(np.int64),
+            "role": exp.target_role.astype(str),
+        }
+    )
+
+
+STEP = StepKind("train_airrep", TrainAirRepParams, train_airrep, version="1")
