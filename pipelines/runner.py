@@ -96,7 +96,8 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
+            include_dashboard=True,  # Ray Train's placement-group cleaner queries the state API
+            dashboard_host="127.0.0.1",
             _temp_dir=tempfile.mkdtemp(prefix="tda-ray-"),
             logging_level=logging.WARNING,
         )

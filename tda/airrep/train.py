@@ -85,6 +85,7 @@ class Experiments:
     target_split: np.ndarray  # (m,)
     target_role: np.ndarray  # (m,) "fit" | "val" | "heldout"
     labels: np.ndarray  # (J, m) float32, NaN where not measured (or other split)
+    measured: np.ndarray | None = None  # (J, m) −loss of every measured pair, any split (validation)
 
     @property
     def n(self) -> int:
@@ -195,6 +196,7 @@ def build_experiments(
             lookup = dict(zip(tmap["example_id"].to_list(), tmap["split_id"].to_list(), strict=True))
             target_split = np.array([lookup.get(int(t), -1) for t in target_ids], dtype=np.int64)
     losses = _loss_matrix(effects, subset_ids, target_ids)
+    measured = -losses.astype(np.float32)  # validation ranks subsets of every split
     losses[subset_split[:, None] != target_split[None, :]] = np.nan
     subset_role = assign_roles(subset_ids, subset_split, {"val": val_fraction}, "train", seed)
     target_role = assign_roles(
@@ -215,6 +217,7 @@ def build_experiments(
         target_split,
         target_role,
         labels,
+        measured,
     )
     check_rankable(exp, losses)
     return exp
@@ -376,8 +379,9 @@ def episode_loss(exp: Experiments, embed: Featurizer, ep: Episode) -> Tensor:
 
 @torch.no_grad()
 def validation_lds(exp: Experiments, embed: Featurizer, role: str = "val", subset_role: str = "val") -> float:
-    """Mean Spearman over `role` targets between attention-pooled predictions and labels over the
-    `subset_role` subsets (within each split). NaN when there are none."""
+    """Mean Spearman over `role` targets between attention-pooled predictions and the measured −loss
+    over the `subset_role` subsets (of every split: the effects measure each subset on every target).
+    NaN when there are none."""
     from scipy.stats import spearmanr
 
     targets = np.flatnonzero(exp.target_role == role)
@@ -388,7 +392,8 @@ def validation_lds(exp: Experiments, embed: Featurizer, role: str = "val", subse
     emb = embed(np.concatenate([exp.target_rows(targets), unique]))
     index, mask = index.to(emb.device), mask.to(emb.device)
     pred = pooled_predictions(emb[: len(targets)], emb[len(targets) :], index, mask).cpu().numpy()  # (m, J)
-    labels = exp.labels[np.ix_(subsets, targets)].T
+    source = exp.measured if exp.measured is not None else exp.labels
+    labels = source[np.ix_(subsets, targets)].T
     rhos = []
     for p, y in zip(pred, labels, strict=True):
         ok = np.isfinite(y)
