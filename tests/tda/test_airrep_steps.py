@@ -242,17 +242,21 @@ def test_killed_worker_resumes_from_latest_checkpoint(one_worker, tmp_path, trac
 
 def test_num_workers_above_cluster_cpus_is_refused_before_any_step(ray_session, tmp_path, tracking_uri):
     with pytest.raises(SpecError) as err:
-        run_study(tmp_path, study(4, 8), tracking_uri)
+        run_study(tmp_path, study(4, 8).replace("episodes_per_step: 2", "episodes_per_step: 8"), tracking_uri)
     message = str(err.value)
     assert "steps.airrep.num_workers" in message and "needs 8 CPU" in message and "\n" not in message
-    assert not (tmp_path / "store" / "objects").exists() or not any((tmp_path / "store" / "objects").iterdir())
+    assert not (tmp_path / "store" / "objects").exists() or not any(
+        (tmp_path / "store" / "objects").iterdir()
+    )
 
 
 def test_encoder_folder_that_is_not_an_encoder(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "lm")
-    text = study(4, 1).replace("    max_tokens: 32\n", f"    max_tokens: 32\n    encoder: {tmp_path / 'lm'}\n")
+    text = study(4, 1).replace(
+        "    max_tokens: 32\n", f"    max_tokens: 32\n    encoder: {tmp_path / 'lm'}\n"
+    )
     with pytest.raises(SpecError) as err:
         loads_spec(text, str(tmp_path / "spec.yaml"))
     (line,) = str(err.value).splitlines()
@@ -260,6 +264,10 @@ def test_encoder_folder_that_is_not_an_encoder(tmp_path):
 
 
 def test_one_subset_per_target_is_nothing_to_rank(failed_error):
-    text = study(4, 1).replace("n_subsets: 24", "n_subsets: 1").replace("eval_fraction: 0.25", "eval_fraction: 0")
+    text = (
+        study(4, 1)
+        .replace("n_subsets: 24", "n_subsets: 1")
+        .replace("eval_fraction: 0.25", "eval_fraction: 0")
+    )
     error = failed_error(text, "airrep")
     assert "AirRep ranks subsets per target" in error and "at least 2 fit subsets" in error
