@@ -94,7 +94,11 @@ def embed_split(
     ray_ctx.print_on_execution_start = False
     files = sorted(str(f) for f in ctx.input(data).data_dir.glob("*.parquet"))
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(files, columns=["example_id", "prompt", "response", "split"])
+    # reading reserves no CPU: the actors hold theirs, and a read task waiting for a CPU they hold
+    # would stall the pipeline (e.g. 2 embedding actors on a 2-CPU cluster)
+    ds = ray.data.read_parquet(
+        files, columns=["example_id", "prompt", "response", "split"], ray_remote_args={"num_cpus": 0}
+    )
     ds = ds.map_batches(
         _Embedder,
         fn_constructor_args=(source, batch_size, cpus_per_worker),

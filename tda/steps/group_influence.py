@@ -53,6 +53,12 @@ class GroupInfluenceParams(StepParams):
             return {**data, "resources": {"num_cpus": 0}}
         return data
 
+    def demands(self) -> dict[str, tuple[float, str]]:
+        out = super().demands()
+        if self.method in ("airrep", "repsim"):  # one CPU per embedding actor
+            out["CPU"] = (out["CPU"][0] + self.embed_workers, "embed_workers")
+        return out
+
     @model_validator(mode="after")
     def _sources(self) -> GroupInfluenceParams:
         given = [f for f in ("encoder", "encoder_path", "mlflow_run") if getattr(self, f) is not None]

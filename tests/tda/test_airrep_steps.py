@@ -271,3 +271,14 @@ def test_one_subset_per_target_is_nothing_to_rank(failed_error):
     )
     error = failed_error(text, "airrep")
     assert "AirRep ranks subsets per target" in error and "at least 2 fit subsets" in error
+
+
+def test_embedding_steps_reserve_their_actors_not_their_driver():
+    """The driver of an embedding step holds no CPU; its actors' CPUs count against the cluster."""
+    from tda.steps.influence_scores import InfluenceScoresParams
+
+    params = InfluenceScoresParams(data="data", method="repsim", embed_workers=3)
+    assert params.resources.num_cpus == 0
+    assert params.demands()["CPU"] == (3.0, "embed_workers")
+    graddot = InfluenceScoresParams(data="data", model="base", method="graddot", embed_workers=3)
+    assert graddot.demands()["CPU"] == (1.0, "resources.num_cpus")
