@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from pipelines import StepContext
 
@@ -94,11 +95,10 @@ def embed_split(
     ray_ctx.print_on_execution_start = False
     files = sorted(str(f) for f in ctx.input(data).data_dir.glob("*.parquet"))
     t0 = time.perf_counter()
-    # reading reserves no CPU: the actors hold theirs, and a read task waiting for a CPU they hold
-    # would stall the pipeline (e.g. 2 embedding actors on a 2-CPU cluster)
-    ds = ray.data.read_parquet(
-        files, columns=["example_id", "prompt", "response", "split"], ray_remote_args={"num_cpus": 0}
-    )
+    # the shards become the dataset's blocks here, with no read tasks: Ray Data throttles new tasks
+    # while the embedding actors hold every CPU, which stalled reads (2 actors on a 2-CPU cluster)
+    columns = ["example_id", "prompt", "response", "split"]
+    ds = ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])
     ds = ds.map_batches(
         _Embedder,
         fn_constructor_args=(source, batch_size, cpus_per_worker),
