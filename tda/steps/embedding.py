@@ -10,13 +10,37 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
+from pydantic import model_validator
 
-from pipelines import StepContext
+from pipelines import StepContext, StepParams
+
+
+class EmbeddingStepParams(StepParams):
+    """Base of step kinds with methods that embed on Ray Data (`embedding_methods`): for those methods
+    the step's own task reserves no CPU by default and each of its `embed_workers` actors reserves one.
+    Subclasses declare the fields `method` and `embed_workers`."""
+
+    non_semantic = StepParams.non_semantic | {"embed_workers", "embed_batch_size"}
+    embedding_methods: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _driver_resources(cls, data: Any) -> Any:
+        """A driver holding a CPU while it waits for its actors could starve them."""
+        if isinstance(data, dict) and data.get("method") in cls.embedding_methods and "resources" not in data:
+            return {**data, "resources": {"num_cpus": 0}}
+        return data
+
+    def demands(self) -> dict[str, tuple[float, str]]:
+        out = super().demands()
+        if self.method in self.embedding_methods:  # one CPU per embedding actor
+            out["CPU"] = (out["CPU"][0] + self.embed_workers, "embed_workers")
+        return out
 
 
 @dataclass(frozen=True)

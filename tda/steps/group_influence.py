@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import polars as pl
 from pydantic import Field, model_validator
 
-from pipelines import InputPath, StepContext, StepKind, StepParams, StepRef
+from pipelines import InputPath, StepContext, StepKind, StepRef
 from tda.steps.common import damping_field, index_members, set_threads, trained_split
+from tda.steps.embedding import EmbeddingStepParams
 
 ORDER = {"if-order1": 1, "if-order2": 2, "newton": 0}
 
 
-class GroupInfluenceParams(StepParams):
+class GroupInfluenceParams(EmbeddingStepParams):
     """Predicted change of every target's loss when a group is removed (Koh et al. 2019; Basu et al. 2020)."""
 
-    non_semantic = StepParams.non_semantic | {"embed_workers", "embed_batch_size"}
+    embedding_methods = ("airrep",)
 
     kind: Literal["group_influence"] = "group_influence"
     method: Literal["influence", "airrep"] = Field(
@@ -43,21 +44,6 @@ class GroupInfluenceParams(StepParams):
     hvp: Literal["auto", "dense", "matrix_free"] = Field(
         "auto", description="Products with H̄: dense = Σ∇²ℓ built once (d ≤ 4096 under auto), else the HVP."
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _driver_resources(cls, data: Any) -> Any:
-        """An embedding step's own task reserves no CPU by default: its Ray Data actors reserve theirs
-        (a driver holding a CPU while waiting for its actors could starve them)."""
-        if isinstance(data, dict) and data.get("method") in ("airrep",) and "resources" not in data:
-            return {**data, "resources": {"num_cpus": 0}}
-        return data
-
-    def demands(self) -> dict[str, tuple[float, str]]:
-        out = super().demands()
-        if self.method in ("airrep", "repsim"):  # one CPU per embedding actor
-            out["CPU"] = (out["CPU"][0] + self.embed_workers, "embed_workers")
-        return out
 
     @model_validator(mode="after")
     def _sources(self) -> GroupInfluenceParams:

@@ -8,17 +8,18 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import Field, field_validator, model_validator
 
-from pipelines import InputPath, StepContext, StepKind, StepParams, StepRef
+from pipelines import InputPath, StepContext, StepKind, StepRef
 from tda.steps.common import damping_field, set_threads, trained_split
+from tda.steps.embedding import EmbeddingStepParams
 from tda.steps.train_airrep import check_encoder
 
 GRADIENT_METHODS = ("if-exact", "if-cg", "if-lissa", "graddot", "gradcos")
 
 
-class InfluenceScoresParams(StepParams):
+class InfluenceScoresParams(EmbeddingStepParams):
     """Scores (method, target_id, example_id, score): higher = the example helped the target."""
 
-    non_semantic = StepParams.non_semantic | {"embed_workers", "embed_batch_size"}
+    embedding_methods = ("airrep", "repsim")
 
     kind: Literal["influence_scores"] = "influence_scores"
     model: StepRef | None = Field(None, description="A train_model step (the gradient methods).")
@@ -58,21 +59,6 @@ class InfluenceScoresParams(StepParams):
     )
     lissa_repeats: int = Field(1, gt=0, description="if-lissa: independent runs averaged.")
     seed: int | None = Field(None, description="if-lissa minibatch seed (null = the spec's seed).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _driver_resources(cls, data: Any) -> Any:
-        """An embedding step's own task reserves no CPU by default: its Ray Data actors reserve theirs
-        (a driver holding a CPU while waiting for its actors could starve them)."""
-        if isinstance(data, dict) and data.get("method") in ("airrep", "repsim") and "resources" not in data:
-            return {**data, "resources": {"num_cpus": 0}}
-        return data
-
-    def demands(self) -> dict[str, tuple[float, str]]:
-        out = super().demands()
-        if self.method in ("airrep", "repsim"):  # one CPU per embedding actor
-            out["CPU"] = (out["CPU"][0] + self.embed_workers, "embed_workers")
-        return out
 
     @model_validator(mode="after")
     def _sources(self) -> InfluenceScoresParams:
