@@ -180,7 +180,7 @@ def library_versions() -> dict[str, str]:
 
 def execute_step(job: StepJob, executor: Executor | None = None) -> StepOutcome:
     """Run one step into a staging folder and commit it to the store; a step's error propagates."""
-    store = Store(job.store_root)
+    store = Store.open(job.store_root)
     executor = executor or Executor()
     staging = store.staging_dir(job.key)
     ctx = StepContext(job.name, job.key, store, staging, job.inputs, executor, tracking_uri=job.tracking_uri)

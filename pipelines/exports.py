@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
 from pipelines.errors import StoreError
-from pipelines.store import StoredObject
+from pipelines.store import Store, StoredObject
+from pipelines.store_fs import FsStore
+
+
+def export_to_store(store: Store, obj: StoredObject, target: str) -> str:
+    """Export `obj`'s table to `<store>/exports/<target>`; returns its path (or URI).
+
+    A store on a URI gets a local export, written in its cache and then uploaded.
+    """
+    if not isinstance(store, FsStore):
+        return str(export_table(obj, store.root / "exports" / target))
+    (store.root / "tmp").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=store.root / "tmp", prefix="export.") as tmp:
+        local = export_table(obj, Path(tmp) / Path(target).name)
+        return store.upload(local, "exports", *Path(target).parts)
 
 
 def export_table(obj: StoredObject, target: Path) -> Path:

@@ -49,14 +49,22 @@ class Run:
         """The table of `step` as a lazy Parquet scan."""
         return self.output(step).table()
 
+    def table_names(self) -> list[str]:
+        """The steps of the run that have a table (from their manifests: nothing is fetched)."""
+        names = []
+        for name, info in self.steps.items():
+            manifest = self.store.manifest(info["key"])
+            if manifest is not None and manifest.get("schema"):
+                names.append(name)
+        return names
+
     def tables(self) -> dict[str, StoredObject]:
         """Every step of the run that has a table, name → stored object."""
         out = {}
-        for name, info in self.steps.items():
-            if self.store.has(info["key"]):
-                obj = self.store.get(info["key"])
-                if obj.has_table:
-                    out[name] = obj
+        for name in self.table_names():
+            obj = self.store.get(self.steps[name]["key"])
+            if obj.has_table:
+                out[name] = obj
         return out
 
     def sql(self, query: str) -> pl.DataFrame:
@@ -65,8 +73,8 @@ class Run:
 
 
 def open_run(store: Store | str, run_id: str | None = None) -> Run:
-    """The run `run_id` (a unique prefix works) of a store, or its latest run."""
-    store = store if isinstance(store, Store) else Store(store)
+    """The run `run_id` (a unique prefix works) of a store (a folder, a URI or a Store), or its latest run."""
+    store = store if isinstance(store, Store) else Store.open(store)
     return Run(store, store.read_run(run_id))
 
 

@@ -30,13 +30,18 @@ class RunSettings(BaseModel):
 
     store: str = Field(
         "./tda-store",
-        description="Outputs, run records and the default MLflow database (relative to the spec).",
+        description=(
+            "Outputs, run records and the default MLflow database: a folder (relative to the spec), or a "
+            "pyarrow filesystem URI (s3://bucket/prefix, gs://…, file:///abs/path), which needs "
+            "run.tracking_uri."
+        ),
     )
     ray_address: str | None = Field(
         None, description='null = embedded local Ray; "auto" or "ray://host:10001" = a cluster.'
     )
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; null = sqlite:///<store>/mlflow.db."
+        None,
+        description="MLflow tracking URI; null = sqlite:///<store>/mlflow.db (a store on a URI needs one).",
     )
     num_cpus: int | None = Field(
         None, gt=0, description="CPUs of the embedded Ray (null = all of this machine's)."

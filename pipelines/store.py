@@ -9,6 +9,9 @@
 
 A reader never sees a partial object: a step writes into a staging folder in the same filesystem,
 the manifest goes in last, and the folder is renamed to `objects/<key>` in one atomic step.
+
+`Store.open(location)` takes such a folder, or a pyarrow filesystem URI (s3://bucket/prefix, gs://…,
+file:///abs/path) for which it returns an `FsStore` (pipelines/store_fs.py) with the same methods.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -28,6 +32,12 @@ import polars as pl
 from pipelines.errors import StoreError
 
 SCHEMA_VERSION = 1
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for `scheme://…` (a filesystem URI), False for a plain path."""
+    return isinstance(location, str) and bool(_URI.match(location))
 
 
 def canonical_json(value: Any) -> str:
@@ -96,13 +106,39 @@ class StoredObject:
 
 
 class Store:
-    """A store rooted at a local folder (a shared volume on a cluster)."""
+    """A store rooted at a local folder (a shared volume on a cluster).
+
+    `root` is always a local folder: the store itself here, the node-local cache in an FsStore.
+    """
+
+    is_local = True  # False for an FsStore: `root` is then a cache, not the store
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
 
+    @staticmethod
+    def open(location: str | Path) -> Store:
+        """A Store over a folder, or an FsStore over a pyarrow filesystem URI (`scheme://…`)."""
+        if is_uri(location):
+            from pipelines.store_fs import FsStore
+
+            return FsStore(str(location))
+        return Store(location)
+
     def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
+        return f"{type(self).__name__}({self.location!r})"
+
+    def __str__(self) -> str:
+        return self.location
+
+    @property
+    def location(self) -> str:
+        """The store as the user names it: its folder, or its URI."""
+        return str(self.root)
+
+    def locate(self, *parts: str) -> str:
+        """Where `parts` (e.g. "runs", "<id>.json") lie: a path, or a URI for an FsStore."""
+        return str(self.root.joinpath(*parts))
 
     # objects ------------------------------------------------------------------
     def object_dir(self, key: str) -> Path:
@@ -113,8 +149,15 @@ class Store:
 
     def get(self, key: str) -> StoredObject:
         if not self.has(key):
-            raise StoreError(f"{self.root}: no object {key} in the store")
+            raise StoreError(f"{self.location}: no object {key} in the store")
         return StoredObject(self.object_dir(key))
+
+    def manifest(self, key: str) -> dict[str, Any] | None:
+        """The manifest of object `key` (None if there is none), without materialising the object."""
+        try:
+            return json.loads((self.object_dir(key) / "manifest.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
 
     def scratch_dir(self, key: str) -> Path:
         """A folder that survives failed attempts of the step with this key (for resumable work)."""
@@ -168,17 +211,19 @@ class Store:
         """A run record by id (a unique prefix works), or the latest run."""
         ids = self.run_ids()
         if not ids:
-            raise StoreError(f"{self.root}: no runs in this store; run a spec with `tda run SPEC`")
+            raise StoreError(f"{self.location}: no runs in this store; run a spec with `tda run SPEC`")
         if run_id in (None, "latest"):
             chosen = ids[-1]
         else:
             matches = [i for i in ids if i == run_id] or [i for i in ids if i.startswith(run_id)]
             if len(matches) != 1:
                 what = "no run" if not matches else "several runs"
-                raise StoreError(f"{self.root}: {what} matching {run_id!r}; see `tda runs`")
+                raise StoreError(f"{self.location}: {what} matching {run_id!r}; see `tda runs`")
             chosen = matches[0]
-        data = json.loads(self.run_path(chosen).read_text(encoding="utf-8"))
-        return RunRecord(**data)
+        return RunRecord(**self._run_data(chosen))
+
+    def _run_data(self, run_id: str) -> dict[str, Any]:
+        return json.loads(self.run_path(run_id).read_text(encoding="utf-8"))
 
 
 @dataclass
