@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-all lint bench docs clean
+.PHONY: run test test-cluster test-all lint bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# a real 2-node Ray cluster + MLflow server on 127.0.0.1 (deploy/local-cluster.sh), `tda submit --wait`
+test-cluster: $(STAMP)
+	$(PY) -m pytest -m cluster tests/cluster
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m ''

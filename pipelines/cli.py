@@ -4,6 +4,8 @@
     tda validate SPEC            tda schema [--out FILE]          tda docs OUT_DIR
     tda runs                     tda tables [RUN]                 tda show [RUN]
     tda query "SQL" [--run RUN] [--format table|csv|json] [--out FILE.parquet]
+    tda submit SPEC --address http://HEAD:8265 [--store DIR|URI] [--wait]   (a Ray cluster's Jobs API)
+    tda jobs                     tda status [JOB]                 tda logs [JOB] [-f]     tda stop [JOB]
 
 The store of the inspecting commands is `--store`, else the `run.store` of `--spec`, else $TDA_STORE,
 else ./tda-store.
@@ -33,13 +35,13 @@ if not out.is_terminal:  # piped or captured: no wrapping of wide tables at 80 c
 
 def _store_for(args: argparse.Namespace) -> Store:
     if getattr(args, "store", None):
-        return Store(args.store)
+        return Store.open(args.store)
     if getattr(args, "spec", None):
         from pipelines.runner import resolve_store
         from pipelines.spec import load_spec
 
         return resolve_store(load_spec(args.spec), None)
-    return Store(os.environ.get("TDA_STORE", "./tda-store"))
+    return Store.open(os.environ.get("TDA_STORE", "./tda-store"))
 
 
 # ---------------------------------------------------------------- commands
@@ -79,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "tracking_uri": args.tracking_uri,
         "force": tuple(args.force),
         "progress": not args.quiet,
+        "run_id": args.run_id,
     }
     try:
         result = pipelines.run(spec, **options)
@@ -104,14 +107,17 @@ def _print_run(result: Any) -> None:
     for name in record.spec.get("run", {}).get("show", []):
         if record.steps.get(name, {}).get("status") in ("done", "cached"):
             out.print(frame_table(result.table(name).head(100).collect(), title=name))
-    store = result.store.root
-    tables = list(result.tables())
-    out.print(f"\nstore:    {store}\nrun:      {store / 'runs' / (record.run_id + '.json')}")
-    out.print(f"tables:   {', '.join(tables) or 'none'}  (Parquet under {store / 'objects'})")
+    store = result.store  # paths for a store folder, URIs for a store on a URI
+    tables = result.table_names()
+    out.print(f"\nstore:    {store.location}\nrun:      {store.locate('runs', record.run_id + '.json')}")
+    out.print(f"tables:   {', '.join(tables) or 'none'}  (Parquet under {store.locate('objects')})")
     out.print(f"tracking: {record.mlflow.get('tracking_uri')}")
     if tables:
         tda = "tda" if shutil.which("tda") else sys.argv[0]
-        out.print(f'query:    {tda} query "SELECT * FROM {tables[-1]} LIMIT 10" --store {store}')
+        import shlex
+
+        where = shlex.quote(store.location)
+        out.print(f'query:    {tda} query "SELECT * FROM {tables[-1]} LIMIT 10" --store {where}')
     uri = record.mlflow.get("tracking_uri", "")
     out.print(f"MLflow:   mlflow ui --backend-store-uri {uri} --host 127.0.0.1", highlight=False)
 
@@ -149,8 +155,8 @@ def cmd_tables(args: argparse.Namespace) -> int:
 
     run = open_run(_store_for(args), args.run)
     table = Table("table", "kind", "rows", "columns", title=f"run {run.run_id}", title_justify="left")
-    for name, obj in run.tables().items():
-        manifest = obj.manifest
+    for name in run.table_names():  # manifests only: nothing is fetched from a URI store
+        manifest = run.store.manifest(run.steps[name]["key"]) or {}
         cols = ", ".join(f"{c['name']}:{c['type']}" for c in manifest.get("schema", []))
         table.add_row(name, manifest["kind"], f"{manifest.get('rows') or 0:,}", cols)
     out.print(table)
@@ -204,6 +210,140 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- cluster jobs
+
+
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    from pipelines.jobs import ClusterError
+
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ClusterError(f"--env {pair!r}: give KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines import jobs
+
+    sub = jobs.submit(
+        args.spec,
+        args.address,
+        overrides=args.set,
+        store=args.store,
+        tracking_uri=args.tracking_uri,
+        force=args.force,
+        env=_env_pairs(args.env),
+        token_file=args.token_file,
+    )
+    for warning in sub.warnings:
+        out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    out.print(f"submitted job {sub.job_id} (run {sub.run_id}) from {sub.project}", highlight=False)
+    out.print(f"  store {sub.store}   tracking {sub.tracking_uri or 'sqlite in the store'}", highlight=False)
+    if not args.wait:
+        out.print(f"  follow it: tda logs {sub.job_id} --follow    status: tda status {sub.job_id}")
+        return 0
+    client = jobs.connect(args.address, args.token_file)
+    try:
+        jobs.follow_logs(client, sub.job_id)
+    except KeyboardInterrupt:
+        out.print(f"\nstopped following; the job goes on. Stop it with: tda stop {sub.job_id}")
+        return 130
+    return _print_job(jobs.wait(client, sub.job_id), client)
+
+
+def _print_job(state: Any, client: Any) -> int:
+    from pipelines import jobs
+
+    secs = f" after {state.seconds:.0f}s" if state.seconds is not None else ""
+    colour = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow"}.get(state.status, "cyan")
+    spec = state.metadata.get("tda_spec_path") or state.entrypoint
+    out.print(f"job {state.job_id}: [bold {colour}]{state.status}[/]{secs} · {spec}", highlight=False)
+    if state.record is not None:
+        rec = state.record
+        out.print(summary_table(rec.steps, title=f"run {rec.run_id} · {rec.spec_name} · {rec.status}"))
+        failed = state.failed_steps()
+    else:
+        if state.record_error and state.metadata.get("tda_store"):
+            out.print(f"run record not readable here ({state.record_error}); from the job's log:")
+        failed = (
+            jobs.failed_steps_from_log(jobs.job_logs(client, state.job_id))
+            if state.status in jobs.TERMINAL
+            else {}
+        )
+    for name, error in failed.items():
+        out.print(f"[bold red]{name} failed:[/] {error}", highlight=False)
+    if state.status == "FAILED" and not failed:
+        out.print(f"[red]{state.message}[/]", highlight=False)
+        tail = jobs.job_logs(client, state.job_id).strip().splitlines()[-15:]
+        if tail:
+            out.print("last lines of the log:\n  " + "\n  ".join(tail), highlight=False)
+    if state.metadata.get("tda_store"):
+        out.print(
+            f"store {state.metadata['tda_store']}   run {state.metadata.get('tda_run_id')}", highlight=False
+        )
+    return 1 if state.status in ("FAILED", "STOPPED") else 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from pipelines import jobs
+
+    client = jobs.connect(args.address, args.token_file)
+    table = Table("job", "status", "spec", "run", "started", "seconds", "message")
+    for job in jobs.list_jobs(client):
+        started = (
+            datetime.fromtimestamp(job.start_time).strftime("%Y-%m-%d %H:%M:%S") if job.start_time else ""
+        )
+        table.add_row(
+            job.job_id,
+            job.status,
+            job.metadata.get("tda_spec_path", ""),
+            job.metadata.get("tda_run_id", ""),
+            started,
+            f"{job.seconds:.0f}" if job.seconds is not None else "",
+            job.message[:60],
+        )
+    out.print(table)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipelines import jobs
+
+    client = jobs.connect(args.address, args.token_file)
+    return _print_job(jobs.job_state(client, jobs.resolve_job(client, args.job)), client)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from pipelines import jobs
+
+    client = jobs.connect(args.address, args.token_file)
+    job_id = jobs.resolve_job(client, args.job)
+    if args.follow:
+        jobs.follow_logs(client, job_id)
+    else:
+        sys.stdout.write(jobs.job_logs(client, job_id))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from pipelines import jobs
+
+    client = jobs.connect(args.address, args.token_file)
+    job_id = jobs.resolve_job(client, args.job)
+    if not jobs.stop(client, job_id):
+        out.print(f"job {job_id} had already ended")
+        return 0
+    out.print(f"stopping job {job_id}")
+    if args.wait:
+        return _print_job(jobs.wait(client, job_id), client)
+    return 0
+
+
 def cmd_docs(args: argparse.Namespace) -> int:
     from pipelines.docs import write_step_docs
     from pipelines.registry import installed_kinds
@@ -222,6 +362,17 @@ def _store_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--spec", help="take the store from this spec's run.store")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the run's)")
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        help="the Ray Jobs API, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS)",
+    )
+    p.add_argument(
+        "--token-file",
+        help="the cluster's auth token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -244,12 +395,51 @@ def parser() -> argparse.ArgumentParser:
         metavar="STEP",
         help="recompute STEP and everything downstream",
     )
-    p.add_argument("--store", help="store folder (overrides run.store)")
+    p.add_argument("--store", help="store folder or pyarrow filesystem URI (overrides run.store)")
     p.add_argument("--ray-address", help='"auto", "ray://host:10001" (default: embedded Ray)')
     p.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<store>/mlflow.db)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray")
     p.add_argument("-q", "--quiet", action="store_true", help="no live progress")
     p.set_defaults(fn=cmd_run)
+
+    p.add_argument("--run-id", help=argparse.SUPPRESS)  # `tda submit` names the job after the run
+
+    p = sub.add_parser("submit", help="run a spec on a Ray cluster through the Ray Jobs API")
+    p.add_argument("spec")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a field")
+    p.add_argument("--force", action="append", default=[], metavar="STEP", help="recompute STEP and below")
+    p.add_argument(
+        "--store",
+        help="a folder every node mounts, or a URI (default: $TDA_STORE, else an absolute run.store)",
+    )
+    p.add_argument(
+        "--tracking-uri", help="the MLflow server (default: $MLFLOW_TRACKING_URI, else run.tracking_uri)"
+    )
+    p.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="an environment variable for the job"
+    )
+    p.add_argument(
+        "--wait", action="store_true", help="stream the job's log until it ends; exit 1 if it failed"
+    )
+    _cluster_options(p)
+    p.set_defaults(fn=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list the jobs of a Ray cluster")
+    _cluster_options(p)
+    p.set_defaults(fn=cmd_jobs)
+    for name, fn, helptext in [
+        ("status", cmd_status, "a job's status, with every step's status and error from the store"),
+        ("logs", cmd_logs, "a job's log"),
+        ("stop", cmd_stop, "stop a job"),
+    ]:
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("job", nargs="?", help="job id or unique prefix (default: the latest tda job)")
+        if name == "logs":
+            p.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+        if name == "stop":
+            p.add_argument("--wait", action="store_true", help="wait until it has stopped")
+        _cluster_options(p)
+        p.set_defaults(fn=fn)
 
     p = sub.add_parser("validate", help="check a spec without running it")
     p.add_argument("spec")

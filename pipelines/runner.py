@@ -20,12 +20,12 @@ from pipelines import registry
 from pipelines.context import Executor, StepJob, StepOutcome, execute_step
 from pipelines.dag import Dag, build_dag, find_refs
 from pipelines.errors import PipelineError, RunFailed, SpecError
-from pipelines.exports import export_table
+from pipelines.exports import export_to_store
 from pipelines.fingerprint import input_fingerprint
 from pipelines.progress import Progress
 from pipelines.query import Run
 from pipelines.spec import SpecBase
-from pipelines.store import RunRecord, Store, cache_key, new_run_id, now_iso
+from pipelines.store import RunRecord, Store, cache_key, is_uri, new_run_id, now_iso
 from pipelines.tracking import Tracker, default_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def plan(spec: SpecBase, store: Store, force: tuple[str, ...] = ()) -> tuple[Dag
             kind.fn,
             params,
             {up: keys[up] for up in dag.upstream[name]},
-            str(store.root),
+            store.location,
             replace=name in forced,
         )
         cached = store.has(keys[name]) and name not in forced
@@ -205,6 +205,7 @@ class RunOptions:
     force: tuple[str, ...] = ()
     progress: bool = True
     raise_on_failure: bool = True
+    run_id: str | None = None  # chosen by the caller (`tda submit` names the job after it)
 
 
 @dataclass
@@ -218,22 +219,53 @@ class _State:
 
 
 def resolve_store(spec: SpecBase, override: str | None) -> Store:
+    """The override, else run.store: a URI as is, a relative folder against the spec's folder."""
     if override:
-        return Store(override)
+        return Store.open(override)
+    if is_uri(spec.run.store):
+        return Store.open(spec.run.store)
     root = Path(spec.run.store).expanduser()
-    return Store(root if root.is_absolute() else spec.source.folder / root)
+    return Store.open(root if root.is_absolute() else spec.source.folder / root)
+
+
+def resolve_tracking_uri(spec: SpecBase, override: str | None, store: Store) -> str:
+    """The override, else run.tracking_uri, else SQLite inside a store folder (a URI store has none)."""
+    uri = override or spec.run.tracking_uri
+    if uri:
+        return uri
+    if store.is_local:
+        return default_tracking_uri(store.root)
+    raise SpecError(
+        spec.source.error(
+            ("run", "tracking_uri"),
+            f"the store {store.location} is a URI, which cannot hold the default SQLite tracking "
+            "database; set run.tracking_uri to an MLflow server (http://…) when run.store is a URI "
+            "(or pass --tracking-uri)",
+        )
+    )
+
+
+def _artifact_root(tracking_uri: str, store: Store) -> Path | None:
+    """Where SQLite tracking keeps MLflow artifacts: the store's mlartifacts/, or beside the database
+    when the store is a URI (MLflow would otherwise pick ./mlruns); a server keeps its own."""
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    if store.is_local:
+        return store.root / "mlartifacts"
+    return Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
 
 
 def run(spec: SpecBase, **options: Any) -> Run:
     """Run a spec; returns the Run (its tables, statuses). See RunOptions for the options."""
     opts = RunOptions(**options)
     store = resolve_store(spec, opts.store)
+    tracking_uri = resolve_tracking_uri(spec, opts.tracking_uri, store)
     dag, planned = plan(spec, store, tuple(opts.force))
     record = RunRecord(
-        run_id=new_run_id(),
+        run_id=opts.run_id or new_run_id(),
         spec_name=spec.name,
         spec_path=spec.source.path,
-        store=str(store.root),
+        store=store.location,
         spec=spec.model_dump(mode="json"),
         overrides=list(spec.source.overrides),
     )
@@ -246,16 +278,14 @@ def run(spec: SpecBase, **options: Any) -> Run:
             "rows": None,
             "seconds": None,
         }
-    tracking_uri = opts.tracking_uri or spec.run.tracking_uri or default_tracking_uri(store.root)
     for step in planned.values():
         step.job = dataclasses.replace(step.job, tracking_uri=tracking_uri)
-    (store.root / "runs").mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(
-        tracking_uri, spec.name, store.root / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
-    )
+    if store.is_local:  # before MLflow opens a default SQLite database in it
+        (store.root / "runs").mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(tracking_uri, spec.name, _artifact_root(tracking_uri, store))
     tracker.start(
         record.run_id,
-        {"spec": spec.name, "run_id": record.run_id, "store": str(store.root)},
+        {"spec": spec.name, "run_id": record.run_id, "store": store.location},
         {"seed": spec.seed, "steps": len(planned)},
     )
     record.mlflow = {"tracking_uri": tracking_uri}
@@ -318,7 +348,7 @@ def _timed(fn: Any, *args: Any) -> float:
 def _run_cached(state: _State) -> None:
     for name, step in state.planned.items():
         if step.cached:
-            manifest = state.store.get(step.job.key).manifest
+            manifest = state.store.manifest(step.job.key) or {}  # the object itself is not fetched
             info = state.record.steps[name]
             info.update(status="cached", rows=manifest.get("rows"), node=manifest.get("node"))
             _track(state, name, manifest.get("metrics", {}).items(), 0.0, "FINISHED", cached=True)
@@ -375,9 +405,21 @@ def _collect(state: _State, name: str, ref: Any) -> None:
             "FINISHED",
             cached=False,
             history=outcome.metrics,
-            artifacts=outcome.artifacts,
+            artifacts=_local_artifacts(state, outcome),
         )
     state.progress.changed(name)
+
+
+def _local_artifacts(state: _State, outcome: StepOutcome) -> str | None:
+    """The step's artifacts folder on this machine: for a URI store, the worker's is in the cache of its
+    own node, so the object is fetched into this one's (a failure costs the MLflow artifacts only)."""
+    if not outcome.artifacts or state.store.is_local:
+        return outcome.artifacts
+    try:
+        return str(state.store.get(outcome.key).dir / "artifacts")
+    except PipelineError as exc:
+        log.warning("MLflow artifacts of step %s not logged: %s", outcome.name, exc)
+        return None
 
 
 def _track(
@@ -450,7 +492,7 @@ def _export(state: _State) -> None:
         target = step.job.params.export
         if target and state.record.steps[name]["status"] in ("done", "cached"):
             try:
-                export_table(state.store.get(step.job.key), state.store.root / "exports" / target)
+                export_to_store(state.store, state.store.get(step.job.key), target)
             except (PipelineError, OSError) as exc:
                 state.record.steps[name]["export_error"] = f"{type(exc).__name__}: {exc}"
             except Exception:  # an export must not lose the run record

@@ -5,6 +5,7 @@ any training), then runs `tda.airrep.train.train` on `num_workers` Ray Train wor
 gradient all-reduce: gloo on CPU, nccl on GPU). Rank 0 writes checkpoints into the step's scratch
 folder in the store every `checkpoint_every` steps; a worker that dies is restarted by Ray Train
 (`max_failures`) and the group resumes from the latest checkpoint, and so does a re-run of a failed step.
+With a URI store (scratch folders are node-local) the workers are kept on the step's node.
 
 Output: the model folder (transformers encoder + projection safetensors, loadable with
 `tda.airrep.model.AirRep.load`, also logged to MLflow as the step run's `airrep` artifact) and the
@@ -172,6 +173,29 @@ def _worker_loop(config: dict[str, Any]) -> None:
         tmp.rename(scratch / "final")
 
 
+def _this_node(per_worker: dict[str, float], num_workers: int) -> dict[str, str]:
+    """A label selector that keeps the Ray Train workers on this task's node.
+
+    Rank 0 writes checkpoints and the final model into the step's scratch folder, which this task then
+    reads. With the store on a shared path every node sees that folder; with a URI store it is on the
+    node's local disk, so the workers must run beside this task (data parallelism across nodes needs
+    a shared-path store). ValueError when this node cannot hold them: they would wait forever.
+    """
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    have = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id), {})
+    for name, amount in per_worker.items():
+        if amount * num_workers > have.get(name, 0.0):
+            need, there = amount * num_workers, have.get(name, 0.0)
+            raise ValueError(
+                f"train_airrep: with a URI store the {num_workers} workers run on the step's node, which has "
+                f"{there:g} {name} for {need:g} needed; lower num_workers, or keep the store on a path "
+                "every node mounts so the workers can spread over nodes"
+            )
+    return {"ray.io/node-id": node_id}
+
+
 def train_airrep(params: TrainAirRepParams, ctx: StepContext) -> pl.DataFrame:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -199,13 +223,15 @@ def train_airrep(params: TrainAirRepParams, ctx: StepContext) -> pl.DataFrame:
         "scratch": str(scratch),
         "train": params.train_config(),
     }
+    per_worker = {"CPU": params.cpus_per_worker, **({"GPU": 1} if params.use_gpu else {})}
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=params.num_workers,
             use_gpu=params.use_gpu,
-            resources_per_worker={"CPU": params.cpus_per_worker, **({"GPU": 1} if params.use_gpu else {})},
+            resources_per_worker=per_worker,
+            label_selector=None if ctx.store.is_local else _this_node(per_worker, params.num_workers),
         ),
         run_config=RunConfig(
             name=f"airrep-{ctx.key[:16]}",
