@@ -12,7 +12,8 @@
 # TDA_CLIENT_PORT (10001, the Ray client server), TDA_HEAD_CPUS (1), TDA_WORKER_CPUS (1),
 # TDA_VENV (default <repo>/.venv; its bin/ goes first on PATH so jobs run the project's Python).
 #
-# Token authentication is on: a fresh random token is written to $DIR/auth_token (mode 600) and both
+# Token authentication is on: a fresh random token is written to $DIR/auth_token (mode 600; clients
+# read the copy $DIR/client_token) and both
 # nodes start with RAY_AUTH_MODE=token, so the dashboard and the Jobs API refuse requests without it.
 # Two nodes on one machine: each has its own raylet, object store and resources, and Ray schedules
 # across them as across machines; the store is a folder both see, as a shared volume would be. Each
@@ -37,7 +38,10 @@ WORKER_CPUS="${TDA_WORKER_CPUS:-1}"
 
 export PATH="$VENV/bin:$PATH"
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true
-export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
+export RAY_AUTH_MODE=token
+# the cluster's processes read the token from $DIR/auth_token, clients from a copy ($DIR/client_token):
+# Ray hands RAY_AUTH_TOKEN_PATH down to every process it starts, so it marks this cluster's processes
+CLUSTER_ENV=(RAY_AUTH_TOKEN_PATH="$DIR/auth_token")
 
 say() { echo "local-cluster: $*"; }
 die() { echo "local-cluster: $*" >&2; exit 1; }
@@ -46,6 +50,7 @@ port_free() {
   python - "$1" <<'EOF'
 import socket, sys
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT leftovers are fine
 try:
     s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError:
@@ -69,9 +74,17 @@ EOF
   done
 }
 
-# every process of this cluster carries $DIR in its command line (temp dir, store, mlflow paths):
-# stop kills exactly those, never another Ray on the machine (`ray stop` would kill them all)
-own_pids() { pgrep -f -- "$DIR/" | grep -vx "$$" || true; }
+# every process of this cluster (Ray's, including agents and workers, and MLflow) carries
+# RAY_AUTH_TOKEN_PATH=$DIR/auth_token in its environment: stop kills exactly those, never another Ray on
+# the machine (`ray stop` kills them all) nor a shell that sourced the env file (it names client_token)
+own_pids() {
+  local env pid
+  for env in /proc/[0-9]*/environ; do
+    pid="${env#/proc/}"; pid="${pid%/environ}"
+    grep -qzxF -- "RAY_AUTH_TOKEN_PATH=$DIR/auth_token" "$env" 2>/dev/null && echo "$pid"
+  done
+  return 0
+}
 
 start() {
   command -v ray >/dev/null || die "no ray in $VENV/bin; run 'make test' or 'make run' once to create the venv"
@@ -80,25 +93,26 @@ start() {
     port_free "$port" || die "port $port on 127.0.0.1 is taken; set TDA_RAY_PORT/TDA_DASHBOARD_PORT/TDA_MLFLOW_PORT"
   done
   mkdir -p "$DIR/store" "$DIR/mlflow/artifacts" "$DIR/logs"
-  ( umask 077 && python -c "import secrets; print(secrets.token_hex(32))" > "$DIR/auth_token" )
+  ( umask 077 && python -c "import secrets; print(secrets.token_hex(32))" > "$DIR/auth_token" \
+      && cp "$DIR/auth_token" "$DIR/client_token" )
   # a short temp dir: Ray's socket paths must stay under 108 characters
   local tmp; tmp="$(mktemp -d /tmp/tda-cluster-XXXXXX)"
   ln -sfn "$tmp" "$DIR/ray"
 
   say "starting the Ray head on 127.0.0.1:$RAY_PORT (dashboard and Jobs API on 127.0.0.1:$DASHBOARD_PORT)"
-  TDA_CACHE="$DIR/cache/head" ray start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
+  env "${CLUSTER_ENV[@]}" TDA_CACHE="$DIR/cache/head" ray start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
     --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --include-dashboard true \
     --ray-client-server-port "$CLIENT_PORT" --dashboard-agent-listen-port 0 --num-cpus "$HEAD_CPUS" --temp-dir "$tmp" \
     --resources "{\"tda_head\": 1}" --disable-usage-stats >"$DIR/logs/head.log" 2>&1 \
     || { cat "$DIR/logs/head.log" >&2; die "the Ray head did not start (log: $DIR/logs/head.log)"; }
 
   say "starting a Ray worker node ($WORKER_CPUS CPU)"
-  TDA_CACHE="$DIR/cache/worker" ray start --address "127.0.0.1:$RAY_PORT" --node-ip-address 127.0.0.1 --num-cpus "$WORKER_CPUS" --dashboard-agent-listen-port 0 \
+  env "${CLUSTER_ENV[@]}" TDA_CACHE="$DIR/cache/worker" ray start --address "127.0.0.1:$RAY_PORT" --node-ip-address 127.0.0.1 --num-cpus "$WORKER_CPUS" --dashboard-agent-listen-port 0 \
     --temp-dir "$tmp" --resources "{\"tda_worker\": 1}" --disable-usage-stats >"$DIR/logs/worker.log" 2>&1 \
     || { cat "$DIR/logs/worker.log" >&2; stop; die "the Ray worker did not start (log: $DIR/logs/worker.log)"; }
 
   say "starting the MLflow server on 127.0.0.1:$MLFLOW_PORT"
-  nohup mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+  env "${CLUSTER_ENV[@]}" nohup mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     --backend-store-uri "sqlite:///$DIR/mlflow/mlflow.db" \
     --artifacts-destination "$DIR/mlflow/artifacts" --serve-artifacts \
     >"$DIR/logs/mlflow.log" 2>&1 &
@@ -111,7 +125,7 @@ start() {
   cat >"$DIR/env" <<EOF
 # written by deploy/local-cluster.sh start; source it to talk to this cluster
 export RAY_AUTH_MODE=token
-export RAY_AUTH_TOKEN_PATH='$DIR/auth_token'
+export RAY_AUTH_TOKEN_PATH='$DIR/client_token'
 export RAY_API_SERVER_ADDRESS='http://127.0.0.1:$DASHBOARD_PORT'
 export TDA_STORE='$DIR/store'
 export MLFLOW_TRACKING_URI='http://127.0.0.1:$MLFLOW_PORT'
@@ -130,20 +144,14 @@ stop() {
     pids="$(own_pids)"; [[ -z "$pids" ]] && break; sleep 0.5
   done
   [[ -z "$pids" ]] || kill -9 $pids 2>/dev/null || true
-  # Ray's workers are not always named after the temp dir: the raylet's children go with it, and any
-  # leftover of this session is found by its session folder
-  if [[ -L "$DIR/ray" ]]; then
-    local tmp; tmp="$(readlink "$DIR/ray")"
-    pids="$(pgrep -f -- "$tmp" || true)"; [[ -z "$pids" ]] || kill -9 $pids 2>/dev/null || true
-    rm -rf "$tmp" "$DIR/ray"
-  fi
+  if [[ -L "$DIR/ray" ]]; then rm -rf "$(readlink "$DIR/ray")" "$DIR/ray"; fi
   rm -f "$DIR/mlflow.pid"
   say "stopped (store and MLflow data kept in $DIR)"
 }
 
 status() {
   [[ -n "$(own_pids)" ]] || { say "not running"; return 1; }
-  ray status --address "127.0.0.1:$RAY_PORT" || true
+  RAY_AUTH_TOKEN_PATH="$DIR/client_token" ray status --address "127.0.0.1:$RAY_PORT" || true
   python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$MLFLOW_PORT/health', timeout=5)" \
     && say "MLflow http://127.0.0.1:$MLFLOW_PORT: healthy" || say "MLflow http://127.0.0.1:$MLFLOW_PORT: not answering"
 }
