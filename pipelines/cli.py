@@ -261,6 +261,8 @@ def _print_job(state: Any, client: Any) -> int:
     colour = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow"}.get(state.status, "cyan")
     spec = state.metadata.get("tda_spec_path") or state.entrypoint
     out.print(f"job {state.job_id}: [bold {colour}]{state.status}[/]{secs} · {spec}", highlight=False)
+    ended = state.status in jobs.TERMINAL
+    log = jobs.job_logs(client, state.job_id) if ended and state.record is None else ""
     if state.record is not None:
         rec = state.record
         out.print(summary_table(rec.steps, title=f"run {rec.run_id} · {rec.spec_name} · {rec.status}"))
@@ -268,16 +270,12 @@ def _print_job(state: Any, client: Any) -> int:
     else:
         if state.record_error and state.metadata.get("tda_store"):
             out.print(f"run record not readable here ({state.record_error}); from the job's log:")
-        failed = (
-            jobs.failed_steps_from_log(jobs.job_logs(client, state.job_id))
-            if state.status in jobs.TERMINAL
-            else {}
-        )
+        failed = jobs.failed_steps_from_log(log)
     for name, error in failed.items():
         out.print(f"[bold red]{name} failed:[/] {error}", highlight=False)
     if state.status == "FAILED" and not failed:
         out.print(f"[red]{state.message}[/]", highlight=False)
-        tail = jobs.job_logs(client, state.job_id).strip().splitlines()[-15:]
+        tail = (log or jobs.job_logs(client, state.job_id)).strip().splitlines()[-15:]
         if tail:
             out.print("last lines of the log:\n  " + "\n  ".join(tail), highlight=False)
     if state.metadata.get("tda_store"):

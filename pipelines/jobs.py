@@ -300,13 +300,18 @@ class JobState:
         return {n: s.get("error", "") for n, s in self.record.steps.items() if s["status"] == "failed"}
 
 
+def _status(status: Any) -> str:
+    """A JobStatus enum (or its string) as its name, e.g. "SUCCEEDED"."""
+    return str(getattr(status, "value", status))
+
+
 def _state(info: Any) -> JobState:
     def secs(ms: int | None) -> float | None:
         return ms / 1000 if ms else None
 
     return JobState(
         job_id=info.submission_id or info.job_id or "",
-        status=str(getattr(info.status, "value", info.status)),
+        status=_status(info.status),
         message=info.message or "",
         entrypoint=info.entrypoint or "",
         metadata=dict(info.metadata or {}),
@@ -386,8 +391,7 @@ def follow_logs(client: Any, job_id: str, write: Callable[[str], Any] = sys.stdo
 def wait(client: Any, job_id: str, poll: float = 1.0) -> JobState:
     """Poll until the job reaches a terminal state."""
     while True:
-        status = str(getattr(s := _call(client, client.get_job_status, job_id), "value", s))
-        if status in TERMINAL:
+        if _status(_call(client, client.get_job_status, job_id)) in TERMINAL:
             return job_state(client, job_id)
         time.sleep(poll)
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,9 +36,12 @@ def find_values(value: Any, cls: type, loc: Loc = ()) -> Iterator[tuple[Loc, Any
             yield from find_values(item, cls, (*loc, i))
 
 
-def is_uri(path: str) -> bool:
-    """True for `scheme://…` locations (s3://, gs://, hdfs://, file://)."""
-    return "://" in path
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for `scheme://…` locations (s3://, gs://, hdfs://, file://), False for a plain path."""
+    return isinstance(location, str) and bool(_URI.match(location))
 
 
 class StepRef(str):

@@ -22,10 +22,11 @@ from pipelines.dag import Dag, build_dag, find_refs
 from pipelines.errors import PipelineError, RunFailed, SpecError
 from pipelines.exports import export_to_store
 from pipelines.fingerprint import input_fingerprint
+from pipelines.params import is_uri
 from pipelines.progress import Progress
 from pipelines.query import Run
 from pipelines.spec import SpecBase
-from pipelines.store import RunRecord, Store, cache_key, is_uri, new_run_id, now_iso
+from pipelines.store import RunRecord, Store, cache_key, new_run_id, now_iso
 from pipelines.tracking import Tracker, default_tracking_uri
 
 log = logging.getLogger(__name__)

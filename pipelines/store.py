@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -30,14 +29,9 @@ from typing import Any
 import polars as pl
 
 from pipelines.errors import StoreError
+from pipelines.params import is_uri
 
 SCHEMA_VERSION = 1
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_uri(location: str | Path) -> bool:
-    """True for `scheme://…` (a filesystem URI), False for a plain path."""
-    return isinstance(location, str) and bool(_URI.match(location))
 
 
 def canonical_json(value: Any) -> str:

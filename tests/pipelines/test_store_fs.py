@@ -24,8 +24,9 @@ import pytest
 import pipelines
 from pipelines import SpecError, StoreError, load_spec
 from pipelines.cli import main
+from pipelines.params import is_uri
 from pipelines.runner import resolve_store
-from pipelines.store import RunRecord, Store, is_uri
+from pipelines.store import RunRecord, Store
 from pipelines.store_fs import FsStore
 
 os.environ.update(
