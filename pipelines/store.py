@@ -207,7 +207,10 @@ class Store:
         if not ids:
             raise StoreError(f"{self.location}: no runs in this store; run a spec with `tda run SPEC`")
         if run_id in (None, "latest"):
-            chosen = ids[-1]
+            # ids sort by their start second; runs started within the same second are told apart by
+            # the millisecond start time in their records (their random suffixes do not order them)
+            tied = [i for i in ids if i[:15] == ids[-1][:15]]
+            chosen = tied[0] if len(tied) == 1 else max(tied, key=lambda i: self._run_data(i)["started"])
         else:
             matches = [i for i in ids if i == run_id] or [i for i in ids if i.startswith(run_id)]
             if len(matches) != 1:

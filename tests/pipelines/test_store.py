@@ -99,6 +99,24 @@ def test_keys_carry_upstream_keys_not_names(write_spec, tmp_path):
     assert all(one[s].job.key != two[s].job.key for s in "abc")
 
 
+def test_the_latest_run_is_the_last_started_even_within_one_second(tmp_path):
+    store = Store(tmp_path)
+    # the same start second; the random suffixes sort against the start order
+    for run_id, started in [
+        ("20261128-140755-ffffff", "10:00:00.100"),
+        ("20261128-140755-000000", "10:00:00.900"),
+    ]:
+        store.write_run(
+            RunRecord(
+                run_id=run_id, spec_name="s", spec_path="p", store=str(tmp_path), spec={}, started=started
+            )
+        )
+    store.write_run(
+        RunRecord(run_id="20261128-140754-zzzzzz", spec_name="s", spec_path="p", store="", spec={})
+    )
+    assert store.read_run().run_id == "20261128-140755-000000"
+
+
 def test_a_step_runs_in_process_without_ray(tmp_path):
     """Step functions are plain functions: the serial executor runs one straight into the store."""
     store = Store(tmp_path)
