@@ -54,11 +54,54 @@ def test_query_formats(store, capsys, tmp_path):
 
 
 def test_query_is_read_only_and_errors_are_one_line(store, capsys):
-    assert main(["query", "DROP TABLE base", "--store", store]) == 2
-    assert "only reading queries" in capsys.readouterr().err
+    for query in [
+        "DROP TABLE base",
+        "CREATE TABLE z AS SELECT 1",
+        "INSERT INTO base VALUES (9)",
+        "COPY base TO 'x'",
+    ]:
+        assert main(["query", query, "--store", store]) == 2
+        assert "only reading queries" in capsys.readouterr().err
     assert main(["query", "SELECT * FROM nope", "--store", store]) == 2
     err = capsys.readouterr().err.strip()
     assert "nope" in err and "(tables: base, plus)" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "SELECT * FROM read_csv('{p}')",
+        "SELECT * FROM \"READ_CSV\"('{p}')",
+        "SELECT * FROM base, Read_Csv /* x */ ('{p}')",
+        "(SELECT * FROM read_csv('{p}'))",
+    ],
+)
+def test_query_cannot_read_a_file_outside_the_store(store, capsys, tmp_path, template):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("token\nhunter2\n")
+    assert main(["query", template.format(p=secret), "--store", store]) == 2
+    captured = capsys.readouterr()
+    assert "hunter2" not in captured.out + captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "(...) is not allowed: a query sees only the run's tables (tables: base, plus)" in captured.err
+
+
+def test_query_of_proc_self_environ_is_one_line(store, capsys):
+    assert main(["query", "SELECT * FROM read_csv('/proc/self/environ')", "--store", store]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "read_csv(...) is not allowed" in err
+
+
+def test_query_parentheses_comments_string_literals_describe(store, capsys):
+    def rows(query: str) -> list[dict]:
+        assert main(["query", query, "--store", store, "--format", "json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert rows("(SELECT x FROM base ORDER BY x LIMIT 1)") == [{"x": 0}]
+    union = "-- two parts\n( SELECT x FROM base WHERE x = 0) UNION ALL (SELECT x FROM plus WHERE x = 10)"
+    assert sorted(r["x"] for r in rows(union)) == [0, 10]
+    assert rows("SELECT 'read_csv(x)' AS s FROM base LIMIT 1") == [{"s": "read_csv(x)"}]
+    assert rows("DESCRIBE plus") == [{"column": "x", "type": "Int64"}]
+    assert rows("SHOW TABLES") == [{"name": "base"}, {"name": "plus"}]
 
 
 def test_runs_tables_show(store, capsys):

@@ -79,3 +79,31 @@ def test_unknown_suffix_without_format_fails_with_the_fix(
     assert (
         "cannot infer the format" in result.value.failed["t"] and "set `format:`" in result.value.failed["t"]
     )
+
+
+def test_a_sql_step_cannot_copy_a_file_into_the_store(
+    ray_session, write_spec, tmp_path, tracking_uri, data_dir
+):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("token\nhunter2\n")
+    query = json.dumps(f"SELECT * FROM t, \"read_csv\"('{secret}') AS s")
+    spec = write_spec(f"""
+version: 1
+name: leak
+steps:
+  t:
+    kind: read
+    path: data/t.csv
+  leak:
+    kind: sql
+    inputs: [t]
+    query: {query}
+""")
+    with pytest.raises(pipelines.RunFailed) as failed:
+        pipelines.run(
+            load_spec(spec), store=str(tmp_path / "store"), tracking_uri=tracking_uri, progress=False
+        )
+    assert (
+        "read_csv(...) is not allowed: a query sees only the run's tables (tables: t)"
+        in failed.value.failed["leak"]
+    )
