@@ -21,15 +21,19 @@ the 1-worker gradient exactly.
 Frozen body. `trainable: projection` caches the encoder's pooled features once; `last_n_layers`
 caches the hidden states entering the last n layers once and runs only those layers per step.
 
-Checkpoints (`checkpoint_dir`, every `checkpoint_every` steps, written by rank 0, renamed into place):
+Checkpoints (`checkpoint_dir`, every `checkpoint_every` steps, written by rank 0; `checkpoint.py`):
 the trained parameters, the optimizer state, the step, the loss/validation history and the best
-parameters so far. A (re)started run resumes from the latest one and continues identically.
+parameters so far, as data only — one folder per checkpoint, `step-0000020/` holding
+`tensors.safetensors` and `state.json`, written under a hidden name and renamed into place; the last
+two are kept. A (re)started run resumes from the latest one and continues identically. A checkpoint
+that is unreadable, corrupt or foreign stops the run with a one-line DataError saying to delete it;
+pickle checkpoints of earlier versions (`step-*.pt`) are never loaded (unpickling would run whatever
+code someone planted in the store): the run says so and starts without them.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -42,11 +46,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tda.airrep.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    legacy_checkpoints,
+    read_checkpoint,
+    unreadable,
+    write_checkpoint,
+)
 from tda.airrep.model import AirRep, attention_pool, example_text
 from tda.errors import DataError
 
 LABEL_CLIP, WEIGHT_CLIP = 10.0, 10.0
-CHECKPOINT_PREFIX = "step-"
 
 
 @dataclass(frozen=True)
@@ -419,13 +430,6 @@ def trained_parameters(model: AirRep) -> dict[str, Tensor]:
     return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def latest_checkpoint(folder: Path | None) -> Path | None:
-    if folder is None or not folder.is_dir():
-        return None
-    found = sorted(folder.glob(f"{CHECKPOINT_PREFIX}*.pt"))
-    return found[-1] if found else None
-
-
 def train(
     model: AirRep,
     exp: Experiments,
@@ -463,13 +467,7 @@ def train(
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
     start = trained_parameters(model) if config.anchor > 0 else {}
-    state = TrainState()
-    latest = latest_checkpoint(checkpoint_dir)
-    if latest is not None:
-        state = _restore(latest, model, optimizer, names)
-        state.resumed_from.append(state.step)
-        if log:
-            log(f"resumed from {latest.name} (step {state.step})")
+    state = _resumed(checkpoint_dir, model, optimizer, names, log)
     while state.step < config.steps:
         step = state.step
         factor = _lr_factor(step, config)
@@ -539,35 +537,61 @@ def _all_reduce(params: list[Tensor], loss: float, distributed: bool) -> float:
     return float(flat[-1])
 
 
+def _resumed(
+    folder: Path | None, model: AirRep, optimizer: Any, names: list[str], log: Callable[[str], None] | None
+) -> TrainState:
+    """The state to start from: the latest checkpoint's (loaded into model and optimizer), else fresh."""
+    legacy = legacy_checkpoints(folder)
+    if legacy and log:
+        log(
+            f"ignored {len(legacy)} old pickle checkpoint(s) in {folder} (step-*.pt, never loaded: "
+            "unpickling runs code); delete them"
+        )
+    latest = latest_checkpoint(folder)
+    if latest is None:
+        return TrainState()
+    state = _restore(latest, model, optimizer, names)
+    state.resumed_from.append(state.step)
+    if log:
+        log(f"resumed from {latest.name} (step {state.step})")
+    return state
+
+
 def _save(folder: Path, state: TrainState, model: AirRep, optimizer: Any, names: list[str]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "state": {k: v for k, v in asdict(state).items() if k != "best_params"},
-        "best_params": state.best_params,
-        "params": trained_parameters(model),
-        "names": names,
-        "optimizer": optimizer.state_dict(),
-    }
-    path = folder / f"{CHECKPOINT_PREFIX}{state.step:07d}.pt"
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    torch.save(payload, tmp)
-    tmp.rename(path)
-    for old in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*.pt"))[:-2]:
-        old.unlink(missing_ok=True)
-    return path
+    fields = {k: v for k, v in asdict(state).items() if k != "best_params"}
+    saved = Checkpoint(names, fields, trained_parameters(model), state.best_params, optimizer.state_dict())
+    return write_checkpoint(folder, state.step, saved)
 
 
 def _restore(path: Path, model: AirRep, optimizer: Any, names: list[str]) -> TrainState:
-    payload = torch.load(path, weights_only=False)
-    if payload["names"] != names:
+    saved = read_checkpoint(path)
+    named = dict(model.named_parameters())
+    stored = [saved.params] + ([saved.best_params] if saved.best_params is not None else [])
+    if saved.names != names or any(d[k].shape != named[k].shape for d in stored for k in names):
         raise DataError(
             f"checkpoint {path}: it trains other parameters than this config; delete it or restore the config"
         )
-    _load_params(model, payload["params"])
-    optimizer.load_state_dict(payload["optimizer"])
-    state = TrainState(**payload["state"])
-    state.best_params = payload["best_params"]
+    try:
+        state = TrainState(**saved.state)
+        optimizer.load_state_dict(saved.optimizer)
+    except (KeyError, TypeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise unreadable(path, f"its training or optimizer state does not fit ({reason})") from None
+    if not isinstance(state.step, int) or not isinstance(state.history, list):
+        raise unreadable(path, "its step or history is not of the right type")
+    _check_optimizer_state(path, optimizer)
+    _load_params(model, saved.params)
+    state.best_params = saved.best_params
     return state
+
+
+def _check_optimizer_state(path: Path, optimizer: Any) -> None:
+    """Every per-parameter tensor (exp_avg, …; the scalar `step` aside) has its parameter's shape."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, Tensor) and value.dim() and value.shape != p.shape:
+                    raise unreadable(path, f"optimizer state {key!r} has shape {tuple(value.shape)}")
 
 
 def _load_params(model: AirRep, values: dict[str, Tensor]) -> None:

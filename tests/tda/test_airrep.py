@@ -8,14 +8,20 @@ it work on a deep copy (or reset the projection, which is all `trainable: projec
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
+import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
+from tda.airrep.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from tda.airrep.model import (
     CONFIG_FILE,
     AirRep,
@@ -633,7 +639,7 @@ def test_checkpoint_resume_is_deterministic(base, tmp_path):
     # a finished 20-step run, then the same folder with steps: 30 continues at step 21
     first = train(reset_projection(model), exp, config(20, eval_every=10), checkpoint_dir=tmp_path / "a")
     assert [h["step"] for h in first.history] == list(range(1, 21))
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["step-0000010.pt", "step-0000020.pt"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["step-0000010", "step-0000020"]
     logs: list[str] = []
     more = train(
         reset_projection(model),
@@ -642,10 +648,14 @@ def test_checkpoint_resume_is_deterministic(base, tmp_path):
         checkpoint_dir=tmp_path / "a",
         log=logs.append,
     )
-    assert "resumed from step-0000020.pt (step 20)" in logs
+    assert "resumed from step-0000020 (step 20)" in logs
     assert [h["step"] for h in more.history] == list(range(1, 31)) and more.history[:20] == first.history
     assert not any(line.startswith("step 1/") for line in logs) and "step 21/30" in " ".join(logs)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["step-0000020.pt", "step-0000030.pt"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["step-0000020", "step-0000030"]
+    assert sorted(p.name for p in (tmp_path / "a" / "step-0000030").iterdir()) == [
+        "state.json",
+        "tensors.safetensors",
+    ]
     # the best parameters so far travel in the checkpoint: the model ends on them
     vals = {h["step"]: h["val_lds"] for h in more.history if "val_lds" in h}
     assert list(vals) == [10, 20, 30] and more.best_lds == max(vals.values()) == vals[more.best_step]
@@ -673,6 +683,131 @@ def test_checkpoint_resume_is_deterministic(base, tmp_path):
     for a, b in zip(resumed_params, model.projection.parameters(), strict=True):
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=0)
     assert (resumed_params[0] - at_20).abs().max() > 1e-4  # the resumed run did train on
+
+
+def same(a: object, b: object) -> bool:
+    """Equal in type and value all the way down (tensors: dtype, shape and every element)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b or (a != a and b != b)  # NaN == NaN here
+
+
+def test_checkpoint_round_trips_the_optimizer_exactly(tmp_path):
+    """AdamW's state_dict (int keys, tensor `step`, exp_avg(_sq), tuple betas, None options) comes back
+    as it went in, and the JSON fields keep NaN and -inf."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    groups = [{"params": list(net[0].parameters()), "lr": 0.1}, {"params": list(net[1].parameters())}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]
+    for _ in range(3):
+        net(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+    params = {k: p.detach().clone() for k, p in net.named_parameters()}
+    state = {"step": 3, "best_lds": -math.inf, "history": [{"step": 1, "loss": 0.5, "val_lds": math.nan}]}
+    saved = Checkpoint(list(params), state, params, params, optimizer.state_dict())
+    path = write_checkpoint(tmp_path, 3, saved)
+    assert path.name == "step-0000003" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    back = read_checkpoint(path)
+    assert same(back.optimizer, optimizer.state_dict()) and same(back.state, state)
+    assert same(back.params, params) and same(back.best_params, params) and back.names == list(params)
+    for step in (4, 5, 6):  # only the last two are kept
+        write_checkpoint(tmp_path, step, saved)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000005", "step-0000006"]
+
+
+class RunsCode:
+    """Unpickling this creates `marker`: what a planted pickle checkpoint could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.makedirs, (str(self.marker),))
+
+
+@pytest.fixture(scope="module")
+def tiny_experiments():
+    return build_experiments(
+        *topic_tables(n_pool=4, n_targets=4, n_subsets=16, size=3, seed=2),
+        heldout_targets=0.0,
+        val_fraction=0.25,
+        seed=2,
+    )
+
+
+def tiny_config(steps: int) -> TrainConfig:
+    return TrainConfig(
+        trainable="projection",
+        steps=steps,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_every=0,
+        checkpoint_every=2,
+        episodes_per_step=1,
+        targets_per_episode=4,
+        subsets_per_episode=4,
+    )
+
+
+def test_old_pickle_checkpoints_are_never_loaded(model, tiny_experiments, tmp_path):
+    """A `step-*.pt` (what earlier versions wrote and loaded with torch.load) is ignored, not run."""
+    folder, marker = tmp_path / "checkpoints", tmp_path / "marker"
+    folder.mkdir()
+    for name in ("step-0000002.pt", "step-9999999.pt"):
+        torch.save(RunsCode(marker), folder / name)  # torch.load(weights_only=False) would run it
+    logs: list[str] = []
+    state = train(
+        reset_projection(model), tiny_experiments, tiny_config(4), checkpoint_dir=folder, log=logs.append
+    )
+    assert not marker.exists()
+    assert [h["step"] for h in state.history] == [1, 2, 3, 4] and state.resumed_from == []
+    assert any("2 old pickle checkpoint(s)" in line and "never loaded" in line for line in logs), logs
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["step-0000002", "step-0000002.pt", "step-0000004", "step-9999999.pt"]
+
+
+def plant(folder: Path, good: Path, how: str, payload: bytes) -> Path:
+    """A checkpoint named like the real ones (a later step, so it is the one resumed from)."""
+    planted = folder / "step-0000099"
+    if how == "file":
+        planted.write_bytes(payload)
+        return planted
+    shutil.copytree(good, planted)
+    meta = json.loads((planted / "state.json").read_text())
+    if how == "state.json":
+        (planted / "state.json").write_bytes(payload)
+    elif how == "tensors":  # the digest is updated too: the tensors file itself must be refused
+        (planted / "tensors.safetensors").write_bytes(payload)
+        meta["tensors"]["sha256"] = hashlib.sha256(payload).hexdigest()
+        (planted / "state.json").write_text(json.dumps(meta))
+    elif how == "digest":
+        (planted / "tensors.safetensors").write_bytes(payload)
+    elif how == "foreign":
+        (planted / "state.json").write_text(json.dumps({**meta, "format": "someone-else/3"}))
+    elif how == "missing":
+        (planted / "state.json").unlink()
+    return planted
+
+
+@pytest.mark.parametrize("how", ["file", "state.json", "tensors", "digest", "foreign", "missing"])
+def test_planted_or_corrupt_checkpoint_is_refused_in_one_line(model, tiny_experiments, tmp_path, how):
+    good, marker = tmp_path / "good", tmp_path / "marker"
+    train(reset_projection(model), tiny_experiments, tiny_config(2), checkpoint_dir=good)
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(good, folder)
+    planted = plant(folder, good / "step-0000002", how, pickle.dumps(RunsCode(marker)))
+    with pytest.raises(DataError) as exc:
+        train(reset_projection(model), tiny_experiments, tiny_config(4), checkpoint_dir=folder)
+    message = one_line(exc)
+    assert message.startswith(f"checkpoint {planted}") and f"delete {planted}" in message, message
+    assert not marker.exists()
 
 
 def test_last_n_layers_trains_only_the_tail(model):

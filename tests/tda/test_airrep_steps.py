@@ -222,7 +222,7 @@ def test_killed_worker_resumes_from_latest_checkpoint(one_worker, tmp_path, trac
     deadline = time.time() + 300
     killed = None
     while time.time() < deadline and killed is None and thread.is_alive():
-        if list(root.glob("store/scratch/*/checkpoints/step-*.pt")):
+        if list(root.glob("store/scratch/*/checkpoints/step-*/state.json")):
             workers = _train_workers()
             if workers:
                 killed = workers[-1]
