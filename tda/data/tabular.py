@@ -11,6 +11,11 @@ mean and (population) standard deviation of ALL rows, before any train/target sp
 studies retrain on many subsets of one fixed table, and a per-subset scaling would make every
 retrained model see different inputs. Constant columns are centred and keep scale 1.
 
+Every feature value must be a finite number: null, NaN and ±inf are refused wherever a feature matrix
+is built (`load_tabular`, for files and sklearn sources alike, and `tabular_tensors`, for x_* columns
+and a list column `x`), and so is a column whose standardisation is not finite in float64 (|x| near
+1e308 overflows x² or the sum; a spread near 1e-200 underflows the variance): it must be rescaled.
+
 Every problem a user can cause raises `DataError` with one line naming the source, the column (and
 the row, counted from 0 without the header) and the fix.
 """
@@ -67,7 +72,8 @@ def load_tabular(
         label int64, group str.
 
     Raises:
-        DataError: a missing file or column, a non-numeric feature, a missing value, fewer than 2 classes.
+        DataError: a missing file or column, a non-numeric feature, a missing or infinite value, a column
+            too large (or too finely spread) to standardise in float64, fewer than 2 classes.
     """
     raw = read_source(source)
     frame, where = raw.frame, raw.where
@@ -80,7 +86,7 @@ def load_tabular(
     y, label_names = _labels(frame[label], where)
     groups = _groups(raw, group, y, label_names)
     if standardize:
-        X = standardized(X)
+        X = standardized(X, where, columns)
     return _tabular_frame(_example_ids(frame, where), X, y, groups)
 
 
@@ -100,7 +106,9 @@ def tabular_tensors(df: pl.DataFrame) -> tuple[Tensor, Tensor, Tensor]:
     if columns:
         X = df.select(columns).cast(pl.Float64).to_numpy()  # (n, d)
     else:
-        X = np.array(df["x"].to_list(), dtype=np.float64).reshape(df.height, -1)  # (n, d)
+        X = _list_features(df["x"], "table")  # (n, d)
+        columns = [f"x[{j}]" for j in range(X.shape[1])]
+    check_finite(X, "table", columns)
     ids = torch.tensor(df["example_id"].cast(pl.Int64).to_numpy(), dtype=torch.int64)
     y = torch.tensor(df["label"].cast(pl.Int64).to_numpy(), dtype=torch.int64)
     return ids, torch.tensor(X, dtype=torch.float64), y
@@ -112,11 +120,66 @@ def x_columns(df: pl.DataFrame) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def standardized(X: np.ndarray) -> np.ndarray:
-    """(X − mean) / std per column over all rows; a constant column is centred and keeps scale 1."""
-    scale = X.std(axis=0)  # (d,)
-    scale[np.ptp(X, axis=0) == 0] = 1.0
-    return (X - X.mean(axis=0)) / scale
+def standardized(X: np.ndarray, where: str, columns: list[str]) -> np.ndarray:
+    """(X − mean) / std per column over all rows; a constant column is centred and keeps scale 1.
+
+    DataError naming the column when its mean, std or scaled values are not finite in float64.
+    """
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        mean = X.mean(axis=0)  # (d,)
+        scale = X.std(axis=0)  # (d,)
+        scale[np.ptp(X, axis=0) == 0] = 1.0
+        Z = (X - mean) / scale  # (n, d)
+    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(scale) & (scale > 0) & np.isfinite(Z).all(axis=0)))
+    if len(bad):
+        j = int(bad[0])
+        row = int(np.argmax(np.abs(X[:, j])))
+        raise DataError(
+            f"{where}: feature column {columns[j]!r} cannot be standardised in float64 (mean {mean[j]:.3g}, "
+            f"std {scale[j]:.3g}; its largest |value| {abs(X[row, j]):.3g} is at row {row}); "
+            "rescale that column to a moderate range (multiply or divide it by a power of 10)"
+        )
+    return Z
+
+
+def check_finite(X: np.ndarray, where: str, columns: list[str]) -> None:
+    """DataError naming the first column (in order) holding a null/NaN or ±inf, and its first such row."""
+    finite = np.isfinite(X)  # (n, d)
+    if finite.all():
+        return
+    j = int(np.flatnonzero(~finite.all(axis=0))[0])
+    row = int(np.flatnonzero(~finite[:, j])[0])
+    if np.isnan(X[row, j]):
+        raise DataError(
+            f"{where}: feature column {columns[j]!r} is missing a value (null or NaN) at row {row}; "
+            "drop or impute that row"
+        )
+    raise DataError(
+        f"{where}: feature column {columns[j]!r} holds {X[row, j]} at row {row}; "
+        "drop that row or replace the value with a finite number"
+    )
+
+
+def _list_features(series: pl.Series, where: str) -> np.ndarray:
+    """A list column of equal-length numeric lists as float64 (n, d); nulls inside become NaN."""
+    rows = series.to_list()
+    if missing := [i for i, row in enumerate(rows) if row is None]:
+        raise DataError(
+            f"{where}: list column {series.name!r} is missing a value at row {missing[0]}; drop that row"
+        )
+    lengths = [len(row) for row in rows]
+    if odd := [i for i, k in enumerate(lengths) if k != lengths[0]]:
+        raise DataError(
+            f"{where}: list column {series.name!r} holds {lengths[odd[0]]} value(s) at row {odd[0]} but "
+            f"{lengths[0]} at row 0; every row needs the same number of features"
+        )
+    try:
+        return np.array(rows, dtype=np.float64).reshape(len(rows), -1)  # (n, d)
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"{where}: list column {series.name!r} holds values that are not numbers "
+            f"({' '.join(str(exc).split())}); store the features as lists of floats"
+        ) from None
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -193,16 +256,11 @@ def _looks_numeric(series: pl.Series) -> bool:
 
 
 def feature_matrix(frame: pl.DataFrame, where: str, columns: list[str]) -> np.ndarray:
-    """The feature columns as float64 (n, d), rejecting non-numeric values and nulls/NaNs."""
+    """The feature columns as float64 (n, d), rejecting non-numeric values, nulls/NaNs and ±inf."""
     numeric = [_numeric(frame[name], where) for name in columns]
-    for series in numeric:
-        bad = (series.is_null() | series.is_nan()).arg_true()
-        if len(bad):
-            raise DataError(
-                f"{where}: feature column {series.name!r} is missing a value (null or NaN) at row {bad[0]}; "
-                "drop or impute that row"
-            )
-    return pl.DataFrame(numeric).to_numpy().astype(np.float64)  # (n, d)
+    X = pl.DataFrame(numeric).to_numpy().astype(np.float64)  # (n, d); nulls become NaN
+    check_finite(X, where, columns)
+    return X
 
 
 def _numeric(series: pl.Series, where: str) -> pl.Series:

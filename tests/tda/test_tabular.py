@@ -165,6 +165,88 @@ class TestInvalid:
         ):
             load_tabular(source)
 
+    @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+    def test_infinite_feature(self, tmp_path, value):
+        frame = pl.DataFrame({"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0, value], "label": [0, 1, 0]})
+        source = write(frame, tmp_path / "data.parquet")
+        with pytest.raises(DataError) as info:
+            load_tabular(source)
+        assert str(info.value) == (
+            f"{source}: feature column 'b' holds {value} at row 2; "
+            "drop that row or replace the value with a finite number"
+        )
+
+    def test_infinite_feature_in_a_csv_and_unstandardised(self, tmp_path):
+        (tmp_path / "data.csv").write_text("a,b,label\n1,2,0\n3,-inf,1\n")
+        with pytest.raises(DataError, match=r"data\.csv: feature column 'b' holds -inf at row 1; drop"):
+            load_tabular(str(tmp_path / "data.csv"), standardize=False)
+
+    def test_infinite_feature_of_an_sklearn_source(self, monkeypatch):
+        import sklearn.datasets
+
+        original = sklearn.datasets.load_iris
+
+        def broken_iris():
+            bunch = original()
+            bunch.data[5, 3] = np.inf
+            return bunch
+
+        monkeypatch.setattr(sklearn.datasets, "load_iris", broken_iris)
+        with pytest.raises(
+            DataError, match=r"sklearn:iris: feature column 'petal width \(cm\)' holds inf at row 5"
+        ):
+            load_tabular("sklearn:iris")
+
+    @pytest.mark.parametrize(
+        "values",
+        [
+            [1.0, 2.0, 1e308],  # x² overflows: std = inf would zero the column
+            [1e308, 1e308, 1.0],  # the sum overflows: mean = inf
+            [-1e308, 1e308, 0.0],  # x − mean overflows
+            [0.0, 1e-200, 0.0],  # the variance underflows to 0: x / 0
+        ],
+    )
+    def test_feature_that_cannot_be_standardised(self, tmp_path, values):
+        frame = pl.DataFrame({"a": [1.0, 2.0, 3.0], "big": values, "label": [0, 1, 0]})
+        source = write(frame, tmp_path / "data.parquet")
+        with pytest.raises(DataError) as info:
+            load_tabular(source)
+        message = str(info.value)
+        assert message.startswith(f"{source}: feature column 'big' cannot be standardised in float64"), (
+            message
+        )
+        assert "rescale that column" in message and "\n" not in message
+        row = int(np.argmax(np.abs(values)))
+        assert f"at row {row}" in message
+        kept = load_tabular(source, standardize=False)  # finite values are fine unscaled
+        assert kept["x_1"].to_list() == values
+
+    @pytest.mark.parametrize("value", [float("inf"), float("nan")])
+    def test_tabular_tensors_refuse_non_finite_columns(self, value):
+        df = pl.DataFrame({"example_id": [0, 1], "x_0": [1.0, 2.0], "x_1": [value, 0.0], "label": [0, 1]})
+        with pytest.raises(
+            DataError, match=r"table: feature column 'x_1' (holds inf|is missing a value .*) at row 0"
+        ):
+            tabular_tensors(df)
+
+    @pytest.mark.parametrize(
+        ("x", "message"),
+        [
+            ([[1.0, 2.0], [3.0, float("-inf")]], r"table: feature column 'x\[1\]' holds -inf at row 1"),
+            (
+                [[1.0, float("nan")], [3.0, 4.0]],
+                r"table: feature column 'x\[1\]' is missing a value .* at row 0",
+            ),
+            ([[1.0, None], [3.0, 4.0]], r"table: feature column 'x\[1\]' is missing a value .* at row 0"),
+            ([[1.0, 2.0], None], r"table: list column 'x' is missing a value at row 1"),
+            ([[1.0, 2.0], [3.0]], r"table: list column 'x' holds 1 value\(s\) at row 1 but 2 at row 0"),
+        ],
+    )
+    def test_tabular_tensors_refuse_bad_list_columns(self, x, message):
+        df = pl.DataFrame({"example_id": [0, 1], "x": x, "label": [0, 1]})
+        with pytest.raises(DataError, match=message):
+            tabular_tensors(df)
+
     def test_null_in_feature(self, tmp_path):
         (tmp_path / "data.csv").write_text("a,b,label\n1,2,0\n3,,1\n")
         with pytest.raises(DataError, match=r"data\.csv: feature column 'b' is missing a value .* at row 1"):
@@ -218,3 +300,19 @@ class TestInvalid:
         with pytest.raises(DataError) as info:
             load_tabular(csv, label="target")
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("csv", "message"),
+    [
+        ("a,b,label\n1,2,0\n3,inf,1\n", "d.csv: feature column 'b' holds inf at row 1"),
+        ("a,b,label\n1,2,0\n3,1e308,1\n", "d.csv: feature column 'b' cannot be standardised in float64"),
+    ],
+)
+def test_a_step_refuses_non_finite_or_overflowing_features(failed_error, tmp_path, csv, message):
+    """Through a real run: the data step fails with the one line, nothing downstream trains on NaN."""
+    (tmp_path / "d.csv").write_text(csv)
+    error = failed_error(
+        "version: 1\nname: t\nsteps:\n  d:\n    kind: tabular_dataset\n    source: d.csv\n", "d"
+    )
+    assert error.startswith("DataError: ") and message in error, error
