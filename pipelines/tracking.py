@@ -2,21 +2,32 @@
 
 The only module of `pipelines` that imports mlflow. Logging happens on a background thread, so a
 slow tracking server never holds up the scheduling of steps; `close()` waits for it.
+
+A SQLite tracking database is opened under an exclusive file lock beside it (`mlflow.db.lock`):
+MLflow creates and migrates its tables on first open with DDL that SQLite does not roll back, so two
+runs that create one at once leave `_alembic_tmp_*` tables behind and every later open fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import itertools
 import logging
+import os
 import queue
+import shlex
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pipelines.errors import PipelineError
 
 MAX_PARAM_LENGTH = 6000
+LOCK_TIMEOUT_S = 300.0  # creating a new database takes seconds; a held lock this long is a hung run
 
 
 class TrackingError(PipelineError):
@@ -25,8 +36,116 @@ class TrackingError(PipelineError):
     exit_code = 2
 
 
+class DatabaseBusy(TrackingError):
+    """Another process held a SQLite tracking database's lock for longer than we waited."""
+
+
 def default_tracking_uri(store_root: Path) -> str:
     return f"sqlite:///{store_root / 'mlflow.db'}"
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URI; None for a server or an in-memory database."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+@contextlib.contextmanager
+def database_lock(db: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the exclusive inter-process lock of SQLite database `db` (flock on `db`.lock).
+
+    Raises DatabaseBusy if another process holds it for `timeout` seconds (0: do not wait). Without
+    a writable folder there is no lock, and no database can be created there either.
+    """
+    lock_path = db.with_name(db.name + ".lock")
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            _acquire(fd, db, lock_path, timeout)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _acquire(fd: int, db: Path, lock_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise DatabaseBusy(
+                    f"tracking database {db}: another process has held {lock_path} for {timeout:.0f} s; "
+                    f"let it finish, or find it with `fuser {shlex.quote(str(lock_path))}`"
+                ) from None
+            time.sleep(0.05)
+
+
+def _opening(tracking_uri: str) -> contextlib.AbstractContextManager[None]:
+    """The lock to hold while MLflow first opens `tracking_uri` (none for a server)."""
+    db = sqlite_path(tracking_uri)
+    return database_lock(db) if db is not None else contextlib.nullcontext()
+
+
+def database_damage(db: Path) -> str | None:
+    """What is wrong with the existing SQLite file `db`, found with the stdlib in milliseconds; None
+    if it looks sound (or cannot be read for another reason, which MLflow then reports)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            leftover = conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '\\_alembic\\_tmp\\_%' "
+                "ESCAPE '\\' ORDER BY name"
+            ).fetchone()
+            verdict = None if leftover else conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        text = str(exc)
+        return text if "not a database" in text or "malformed" in text else None
+    if leftover:
+        return f"a schema migration was interrupted: table {leftover[0]} exists"
+    return None if verdict == "ok" else f"PRAGMA quick_check: {verdict}"
+
+
+def _aside(db: Path) -> Path:
+    """A free name to move a damaged database to: mlflow.db.broken, mlflow.db.broken-2, …"""
+    names = (f"{db.name}.broken" + ("" if i == 1 else f"-{i}") for i in itertools.count(1))
+    return next(path for name in names if not (path := db.with_name(name)).exists())
+
+
+def _move_aside(db: Path) -> str:
+    aside = _aside(db)
+    return (
+        f"move it aside (mv {shlex.quote(str(db))} {shlex.quote(str(aside))}) and run again — the "
+        "store's tables are not affected; MLflow history of earlier runs stays in the moved file"
+    )
+
+
+def damaged_message(db: Path, why: str) -> str:
+    return f"tracking database {db} is damaged ({why}); {_move_aside(db)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def connect_failure(tracking_uri: str, exc: Exception) -> str:
+    """One line for a failure to open `tracking_uri`: a SQLite database names its file and the fix."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return f"MLflow at {tracking_uri}: {_first_line(exc)}"
+    why = database_damage(db) if db.is_file() else None
+    if why:
+        return damaged_message(db, why)
+    cause = _first_line(exc)
+    return f"tracking database {db} cannot be opened ({cause}); to start a new one, {_move_aside(db)}"
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -46,9 +165,10 @@ def _ms(seconds: float) -> int:
 class Tracker:
     """Logs a pipeline run to MLflow: `start`, `log_step` per step, `finish`, `close`.
 
-    Connecting (importing mlflow, opening the store, creating the parent run) happens on the
-    logging thread, so it overlaps with the start of Ray; `ready()` waits for it and raises a
-    TrackingError if the tracking URI does not work, before any step executes.
+    A damaged SQLite database raises TrackingError at once (a stdlib check, no mlflow). Connecting
+    (importing mlflow, opening the store, getting or creating the experiment) happens on the logging
+    thread, so it overlaps with the start of Ray; `ready()` waits for it and raises a TrackingError if
+    the tracking URI does not work, before any step executes.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None) -> None:
@@ -56,10 +176,11 @@ class Tracker:
         self.client: Any = None
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
-        self._connect_error: str | None = None
+        self._connect_error: TrackingError | None = None
         self._connected = threading.Event()
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._errors: list[str] = []
+        check_database(tracking_uri)
         self._thread = threading.Thread(
             target=self._drain, args=(experiment, artifact_root), name="mlflow-logger", daemon=True
         )
@@ -70,19 +191,26 @@ class Tracker:
 
         for name in ("alembic", "mlflow"):  # after the import, which sets up mlflow's logging
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            self.experiment_id = found.experiment_id
-        else:
-            location = (artifact_root / experiment).as_uri() if artifact_root else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        # it logs each database error with a traceback before raising it, which we report in one line
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        if sqlite_path(self.tracking_uri) is not None:  # seconds of imports, better outside the lock
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        location = (artifact_root / experiment).as_uri() if artifact_root else None
+        with _opening(self.tracking_uri):  # the first open creates or migrates a SQLite database
+            try:
+                self.client = MlflowClient(tracking_uri=self.tracking_uri)
+                self.experiment_id = _experiment_id(self.client, experiment, location)
+            except Exception as exc:  # diagnosed under the lock, while no other run migrates
+                raise TrackingError(connect_failure(self.tracking_uri, exc)) from exc
 
     def _drain(self, experiment: str, artifact_root: Path | None) -> None:
         try:
             self._connect(experiment, artifact_root)
-        except Exception as exc:
-            self._connect_error = f"MLflow at {self.tracking_uri}: {type(exc).__name__}: {exc}"
+        except TrackingError as exc:
+            self._connect_error = exc
+        except Exception as exc:  # mlflow failed to import
+            self._connect_error = TrackingError(f"MLflow at {self.tracking_uri}: {_first_line(exc)}")
+            self._connect_error.__cause__ = exc
         finally:
             self._connected.set()
         while (job := self._jobs.get()) is not None:
@@ -93,11 +221,17 @@ class Tracker:
             except Exception as exc:  # tracking must not take the pipeline down
                 self._errors.append(f"{type(exc).__name__}: {exc}")
 
+    @property
+    def connect_error(self) -> TrackingError | None:
+        """Why connecting failed (what `ready()` raises), once it did; None while connecting or after
+        it worked."""
+        return self._connect_error
+
     def ready(self) -> None:
         """Wait until connected; raise TrackingError if the tracking URI did not work."""
         self._connected.wait()
         if self._connect_error:
-            raise TrackingError(self._connect_error)
+            raise self._connect_error
 
     def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
         """Queue the parent run; its id is `parent_id` once `close()` returned."""
@@ -166,7 +300,40 @@ class Tracker:
         """Wait for queued logging to finish; return the errors it met (as one-line strings)."""
         self._jobs.put(None)
         self._thread.join()
-        return [self._connect_error] if self._connect_error else self._errors
+        return [str(self._connect_error)] if self._connect_error else self._errors
+
+
+def check_database(tracking_uri: str) -> None:
+    """TrackingError if `tracking_uri` is a SQLite file that MLflow cannot open (milliseconds).
+
+    Skipped while another process holds the lock: it may be creating the database, whose
+    `_alembic_tmp_*` tables are then in flight; the logging thread reports a failure after it.
+    """
+    db = sqlite_path(tracking_uri)
+    if db is None or not db.is_file():
+        return
+    try:
+        with database_lock(db, timeout=0):
+            why = database_damage(db)
+    except DatabaseBusy:
+        return
+    if why:
+        raise TrackingError(damaged_message(db, why))
+
+
+def _experiment_id(client: Any, name: str, location: str | None) -> str:
+    """The id of experiment `name`, created if missing (another run may create it at the same time)."""
+    from mlflow.exceptions import MlflowException
+
+    if (found := client.get_experiment_by_name(name)) is not None:
+        return str(found.experiment_id)
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except MlflowException as exc:
+        already = exc.error_code == "RESOURCE_ALREADY_EXISTS"
+        if not already or (found := client.get_experiment_by_name(name)) is None:
+            raise
+        return str(found.experiment_id)
 
 
 def download_artifacts(tracking_uri: str, run_id: str, path: str, dst: Path) -> Path:
@@ -191,13 +358,14 @@ def read_step_metrics(tracking_uri: str, parent_run_id: str) -> dict[str, dict[s
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        parent = client.get_run(parent_run_id)
-        children = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-            max_results=5000,
-        )
-    except Exception as exc:
-        raise TrackingError(f"MLflow at {tracking_uri}: {type(exc).__name__}: {exc}") from None
+    with _opening(tracking_uri):
+        try:
+            parent = client.get_run(parent_run_id)
+            children = client.search_runs(
+                [parent.info.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                max_results=5000,
+            )
+        except Exception as exc:
+            raise TrackingError(connect_failure(tracking_uri, exc)) from exc
     return {run.info.run_name: dict(run.data.metrics) for run in children}
