@@ -94,11 +94,13 @@ class StorePath(str):
 
     @classmethod
     def _check(cls, value: str) -> StorePath:
-        norm = posixpath.normpath(value.replace("\\", "/"))
-        if is_uri(value) or norm.startswith("/") or norm == ".." or norm.startswith("../"):
+        raw = value.replace("\\", "/")
+        norm = posixpath.normpath(raw)
+        if is_uri(value) or norm.startswith("/") or norm == "." or ".." in raw.split("/"):
             raise PydanticCustomError(
                 "escapes_store",
-                "path '{path}' would escape the store: give a relative path without '..'",
+                "path '{path}' would escape its folder in the store or replace all of it: give a "
+                "relative path to a file or folder below it, without '.' or '..'",
                 {"path": value},
             )
         return cls(norm)

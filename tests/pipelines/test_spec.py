@@ -159,12 +159,14 @@ class TestInvalid:
         )
         assert errs[0].startswith(f"SPEC:5:3: steps.{name}: step name {name!r} is not allowed")
 
-    @pytest.mark.parametrize("target", ["../outside.csv", "/etc/passwd.csv", "a/../../b.csv"])
+    @pytest.mark.parametrize(
+        "target", ["../outside.csv", "/etc/passwd.csv", "a/../../b.csv", ".", "./", "a/..", "a/../b"]
+    )
     def test_path_that_would_escape_the_store(self, write_spec, target):
-        errs = errors_of(write_spec, GOOD + f"    export: {target}\n")
+        errs = errors_of(write_spec, GOOD + f"    export: '{target}'\n")
         assert errs == [
-            f"SPEC:12:5: steps.plus.export: path {target!r} would escape the store: "
-            "give a relative path without '..'"
+            f"SPEC:12:5: steps.plus.export: path {target!r} would escape its folder in the store or "
+            "replace all of it: give a relative path to a file or folder below it, without '.' or '..'"
         ]
 
     def test_python_tag_is_refused(self, write_spec):
