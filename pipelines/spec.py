@@ -176,7 +176,13 @@ def apply_override(data: dict[str, Any], assignment: str, source: SpecSource) ->
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise SpecError(f"{source.path}: --set {assignment!r}: value is not YAML: {exc}") from None
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at column {mark.column + 1}" if mark is not None else ""
+        raise SpecError(
+            f"{source.path}: --set {assignment!r}: the value is not valid YAML ({problem}{at}); "
+            "quote it, e.g. --set 'steps.x.field=\"text\"'"
+        ) from None
     node = data
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node.get(part), dict):
