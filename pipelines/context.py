@@ -126,6 +126,7 @@ class StepJob:
     store_root: str
     replace: bool = False  # a forced re-run replaces the stored object of the same key
     tracking_uri: str | None = None
+    run_id: str = "_"  # the run that executes it: owner of its staging folder
 
 
 @dataclass
@@ -182,7 +183,7 @@ def execute_step(job: StepJob, executor: Executor | None = None) -> StepOutcome:
     """Run one step into a staging folder and commit it to the store; a step's error propagates."""
     store = Store.open(job.store_root)
     executor = executor or Executor()
-    staging = store.staging_dir(job.key)
+    staging = store.staging_dir(job.key, job.run_id)
     ctx = StepContext(job.name, job.key, store, staging, job.inputs, executor, tracking_uri=job.tracking_uri)
     started, t0 = now_iso(), time.perf_counter()
     try:

@@ -56,3 +56,11 @@ class RunFailed(PipelineError):
         self.run, self.failed = run, failed
         lines = "; ".join(f"{name}: {err}" for name, err in failed.items())
         super().__init__(f"run failed in {len(failed)} step(s): {lines}")
+
+
+class CorruptObject(StoreError):
+    """A stored object does not match its manifest (a file changed, vanished or was added)."""
+
+    def __init__(self, message: str, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        super().__init__(message)

@@ -18,6 +18,7 @@ STYLES = {
     "cached": "cyan",
     "failed": "bold red",
     "skipped": "magenta",
+    "interrupted": "bold magenta",
 }
 
 

@@ -62,18 +62,20 @@ class Run:
                 names.append(name)
         return names
 
-    def tables(self) -> dict[str, StoredObject]:
-        """Every step of the run that has a table, name → stored object."""
-        out = {}
-        for name in self.table_names():
-            obj = self.store.get(self.steps[name]["key"])
-            if obj.has_table:
-                out[name] = obj
-        return out
-
     def sql(self, query: str) -> pl.DataFrame:
-        """Run a SQL query where each table of the run is a view named after its step."""
-        return run_sql(query, {name: obj.table() for name, obj in self.tables().items()})
+        """Run a SQL query where each table of the run is a view named after its step. Only the
+        tables whose names the query mentions are opened (fetched, and checked against their
+        manifests' checksums); the others are empty views, enough for SHOW TABLES."""
+        frames = {
+            name: self.table(name) if _mentions(query, name) else pl.LazyFrame()
+            for name in self.table_names()
+        }
+        return run_sql(query, frames)
+
+
+def _mentions(query: str, name: str) -> bool:
+    """Does `name` occur in `query` as a word (in any case, quoted or not)?"""
+    return re.search(rf"(?<![\w$]){re.escape(name)}(?![\w$])", query, re.IGNORECASE) is not None
 
 
 def open_run(store: Store | str, run_id: str | None = None) -> Run:

@@ -6,10 +6,11 @@ one Ray task with the step's `resources` and `retries`, and may fan out further 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
-import tempfile
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -22,6 +23,14 @@ from pipelines.dag import Dag, build_dag, find_refs
 from pipelines.errors import PipelineError, RunFailed, SpecError
 from pipelines.exports import export_to_store
 from pipelines.fingerprint import input_fingerprint
+from pipelines.housekeeping import (
+    HEARTBEAT_S,
+    clean_store,
+    driver_info,
+    ray_temp_dir,
+    remove_ray_temp_dir,
+    sweep_ray_temp_dirs,
+)
 from pipelines.params import is_uri
 from pipelines.progress import Progress
 from pipelines.query import Run
@@ -94,14 +103,28 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
         # so its worker group must not give up after Ray Train's default 60 s (the raylet and every
         # worker inherit this process's environment)
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "86400")
-        ray.init(
-            address="local",
-            num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=True,  # Ray Train's placement-group cleaner queries the state API
-            dashboard_host="127.0.0.1",
-            _temp_dir=tempfile.mkdtemp(prefix="tda-ray-"),
-            logging_level=logging.WARNING,
-        )
+        temp_dir = ray_temp_dir()  # removed at exit; a later run removes it if this driver is killed
+        atexit.register(_stop_embedded_ray, temp_dir)
+        # nothing of an embedded run listens beyond loopback: Ray binds its GCS, raylet, workers, agents
+        # and Prometheus metrics servers to 127.0.0.1 only when that is the node IP, but ray.init turns
+        # a 127.0.0.1 node IP into the routable one (services.resolve_ip_for_localhost) unless multi-node
+        # clusters are off, as on macOS/Windows; off for this call only (read when the node starts)
+        from ray._private import ray_constants
+
+        clusters = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus or os.cpu_count(),
+                include_dashboard=True,  # Ray Train's placement-group cleaner queries the state API
+                dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1",
+                _temp_dir=temp_dir,
+                logging_level=logging.WARNING,
+            )
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = clusters
     else:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -110,6 +133,13 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
                 f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}; check the address "
                 "(`ray status` on the head node) or leave --ray-address out for an embedded Ray"
             ) from None
+
+
+def _stop_embedded_ray(temp_dir: str) -> None:
+    import ray
+
+    ray.shutdown()
+    remove_ray_temp_dir(temp_dir)
 
 
 def _ray_options(job: StepJob) -> dict[str, Any]:
@@ -160,8 +190,11 @@ def _keyed_params(params: Any, keys: dict[str, str]) -> dict[str, Any]:
     return data
 
 
-def plan(spec: SpecBase, store: Store, force: tuple[str, ...] = ()) -> tuple[Dag, dict[str, PlannedStep]]:
-    """Cache keys of every step (upstream keys first), and which are already in the store."""
+def plan(
+    spec: SpecBase, store: Store, force: tuple[str, ...] = (), verify: bool = False
+) -> tuple[Dag, dict[str, PlannedStep]]:
+    """Cache keys of every step (upstream keys first), and which are already in the store (their files
+    checked by size, or by sha256 with `verify`)."""
     dag = build_dag(spec)
     unknown = [f for f in force if f not in spec.steps]
     if unknown:
@@ -189,7 +222,7 @@ def plan(spec: SpecBase, store: Store, force: tuple[str, ...] = ()) -> tuple[Dag
             store.location,
             replace=name in forced,
         )
-        cached = store.has(keys[name]) and name not in forced
+        cached = name not in forced and store.check(keys[name], hashes=verify)  # damaged: recomputed
         planned[name] = PlannedStep(name, job, cached, dag.upstream[name])
     return dag, {name: planned[name] for name in dag.steps}
 
@@ -204,6 +237,7 @@ class RunOptions:
     tracking_uri: str | None = None
     num_cpus: int | None = None
     force: tuple[str, ...] = ()
+    verify: bool = False  # hash the files of cached steps before trusting them
     progress: bool = True
     raise_on_failure: bool = True
     run_id: str | None = None  # chosen by the caller (`tda submit` names the job after it)
@@ -261,7 +295,10 @@ def run(spec: SpecBase, **options: Any) -> Run:
     opts = RunOptions(**options)
     store = resolve_store(spec, opts.store)
     tracking_uri = resolve_tracking_uri(spec, opts.tracking_uri, store)
-    dag, planned = plan(spec, store, tuple(opts.force))
+    store.prepare()  # before MLflow opens a default SQLite database in it
+    clean_store(store)
+    sweep_ray_temp_dirs()
+    dag, planned = plan(spec, store, tuple(opts.force), opts.verify)
     record = RunRecord(
         run_id=opts.run_id or new_run_id(),
         spec_name=spec.name,
@@ -269,6 +306,8 @@ def run(spec: SpecBase, **options: Any) -> Run:
         store=store.location,
         spec=spec.model_dump(mode="json"),
         overrides=list(spec.source.overrides),
+        driver=driver_info(),
+        heartbeat=now_iso(),
     )
     for name, step in planned.items():
         record.steps[name] = {
@@ -280,9 +319,7 @@ def run(spec: SpecBase, **options: Any) -> Run:
             "seconds": None,
         }
     for step in planned.values():
-        step.job = dataclasses.replace(step.job, tracking_uri=tracking_uri)
-    if store.is_local:  # before MLflow opens a default SQLite database in it
-        (store.root / "runs").mkdir(parents=True, exist_ok=True)
+        step.job = dataclasses.replace(step.job, tracking_uri=tracking_uri, run_id=record.run_id)
     tracker = Tracker(tracking_uri, spec.name, _artifact_root(tracking_uri, store))
     tracker.start(
         record.run_id,
@@ -379,8 +416,9 @@ def _schedule(state: _State) -> None:
                 state.progress.changed(name)
         if not pending:
             break
+        state.record.heartbeat = now_iso()
         state.store.write_run(state.record)
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=None)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=HEARTBEAT_S)
         for ref in done:
             _collect(state, pending.pop(ref), ref)
 
@@ -469,6 +507,7 @@ def _finish(state: _State, seconds: float) -> None:
                 error=info.get("error") or "the run was interrupted",
             )
     _export(state)
+    shutil.rmtree(state.store.root / "tmp" / record.run_id, ignore_errors=True)  # staging of failed tries
     failed = any(i["status"] in ("failed", "skipped") for i in record.steps.values())
     record.status = "failed" if failed else "succeeded"
     record.finished, record.seconds = now_iso(), seconds
@@ -484,6 +523,7 @@ def _finish(state: _State, seconds: float) -> None:
     record.mlflow.update(experiment_id=state.tracker.experiment_id, run_id=state.tracker.parent_id)
     if errors:
         record.mlflow["errors"] = errors[:20]
+    if errors and state.tracker.connect_error is None:  # a connect error is raised by ready(), not warned
         log.warning("MLflow logging failed %d time(s); first: %s", len(errors), errors[0])
     state.store.write_run(record)
 

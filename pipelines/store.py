@@ -16,8 +16,10 @@ file:///abs/path) for which it returns an `FsStore` (pipelines/store_fs.py) with
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -28,10 +30,13 @@ from typing import Any
 
 import polars as pl
 
-from pipelines.errors import StoreError
+from pipelines.errors import CorruptObject, StoreError
+from pipelines.housekeeping import driver_gone, mark_interrupted
+from pipelines.integrity import describe_files, find_problem, listed_files
 from pipelines.params import is_uri
 
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def canonical_json(value: Any) -> str:
@@ -109,6 +114,10 @@ class Store:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(
+                f"store {self.root}: is a file, not a folder; give a folder (--store or run.store)"
+            )
 
     @staticmethod
     def open(location: str | Path) -> Store:
@@ -134,17 +143,34 @@ class Store:
         """Where `parts` (e.g. "runs", "<id>.json") lie: a path, or a URI for an FsStore."""
         return str(self.root.joinpath(*parts))
 
+    def prepare(self) -> None:
+        """Create the store's folders before a run; StoreError naming the folder if it cannot."""
+        for part in ("runs", "objects", "tmp"):
+            folder = self.root / part
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-test.{uuid.uuid4().hex}"
+                probe.touch()
+                probe.unlink()
+            except OSError as exc:
+                raise StoreError(
+                    f"store {self.root}: cannot write {part}/ ({exc.strerror or exc}); choose a folder "
+                    "you can write (--store or run.store)"
+                ) from None
+
     # objects ------------------------------------------------------------------
     def object_dir(self, key: str) -> Path:
         return self.root / "objects" / key
 
-    def has(self, key: str) -> bool:
-        return (self.object_dir(key) / "manifest.json").is_file()
+    def object_keys(self) -> list[str]:
+        """The key of every folder in objects/ (objects, and folders that are not: see `has`)."""
+        folder = self.root / "objects"
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
-    def get(self, key: str) -> StoredObject:
-        if not self.has(key):
-            raise StoreError(f"{self.location}: no object {key} in the store")
-        return StoredObject(self.object_dir(key))
+    def has(self, key: str) -> bool:
+        """True if `objects/<key>` is an object: a folder whose manifest lists its files with checksums.
+        A folder without one (a deleted manifest, an older version's object) is not, and is replaced."""
+        return listed_files(self.manifest(key)) is not None
 
     def manifest(self, key: str) -> dict[str, Any] | None:
         """The manifest of object `key` (None if there is none), without materialising the object."""
@@ -152,6 +178,61 @@ class Store:
             return json.loads((self.object_dir(key) / "manifest.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
+        except (ValueError, OSError):  # unreadable: not an object
+            return None
+
+    def get(self, key: str) -> StoredObject:
+        """The object, its files checked against the manifest (sizes, and sha256 once per process);
+        a mismatch quarantines it and raises CorruptObject naming the file."""
+        if not self.has(key):
+            raise StoreError(f"{self.location}: no object {key} in the store")
+        self.verify(key, hashes=True)
+        return StoredObject(self.object_dir(key))
+
+    def check(self, key: str, hashes: bool = False) -> bool:
+        """Is `key` a complete object (its files present with their sizes, and with their sha256 if
+        `hashes`)? A damaged one is quarantined, so the step that makes it runs again."""
+        if not self.has(key):
+            return False
+        try:
+            self.verify(key, hashes=hashes)
+        except CorruptObject:
+            return False
+        return True
+
+    def verify(self, key: str, hashes: bool = True, memo: bool = True) -> None:
+        """Check object `key` against its manifest; CorruptObject (after quarantining it) if it differs."""
+        manifest = self.manifest(key) or {}
+        files = listed_files(manifest) or {}
+        problem = find_problem(self.object_dir(key), files, hashes, memo)
+        if problem is not None:
+            raise self._corrupt(key, manifest, problem)
+
+    def _corrupt(self, key: str, manifest: dict[str, Any], problem: str) -> CorruptObject:
+        where = self.quarantine(key)
+        step = f" (step {manifest['name']!r})" if manifest.get("name") else ""
+        gone = self.locate("objects", key)
+        fate = (
+            f"moved to {where}; the next run recomputes it"
+            if where
+            else f"it could not be moved out of the store: delete {gone} to recompute it"
+        )
+        shown = key if len(key) <= 16 else f"{key[:16]}…"
+        return CorruptObject(
+            f"{self.location}: object {shown}{step} is corrupt: {problem}; {fate}", key, problem
+        )
+
+    def quarantine(self, key: str) -> str | None:
+        """Move object `key` out of `objects/` into `quarantine/`; returns where (None if it was gone
+        or the store is read-only to us)."""
+        stamp = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        target = self.root / "quarantine" / f"{key}.{stamp}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.object_dir(key), target)
+        except OSError:
+            return None
+        return str(target)
 
     def scratch_dir(self, key: str) -> Path:
         """A folder that survives failed attempts of the step with this key (for resumable work)."""
@@ -159,32 +240,51 @@ class Store:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def staging_dir(self, key: str) -> Path:
-        path = self.root / "tmp" / f"{key}.{uuid.uuid4().hex[:12]}"
+    def staging_dir(self, key: str, owner: str = "_") -> Path:
+        """A fresh folder in `tmp/<owner>/` (the run id of the step): what a dead run leaves there is
+        removed by the next run (pipelines/housekeeping.py)."""
+        path = self.root / "tmp" / owner / f"{key}.{uuid.uuid4().hex[:12]}"
         path.mkdir(parents=True)
         return path
 
     def commit(
         self, key: str, staging: Path, manifest: dict[str, Any], replace: bool = False
     ) -> StoredObject:
-        """Write the manifest into `staging` and rename it to `objects/<key>` atomically.
+        """Write the manifest (with every file's size and sha256) into `staging`, then rename it to
+        `objects/<key>` atomically.
 
-        If another run committed the same key meanwhile, its (equivalent) object is kept and ours
-        discarded, so readers of it are never disturbed; `replace` (a forced re-run) swaps it out.
+        If another writer committed the same key meanwhile, its (equivalent) object is kept and ours
+        discarded, so readers of it are never disturbed; `replace` (a forced re-run) swaps it out. A
+        folder at `objects/<key>` that is not an object (no manifest) is replaced.
         """
-        write_json_atomic(staging / "manifest.json", manifest)
+        write_json_atomic(staging / "manifest.json", {**manifest, "files": describe_files(staging)})
         target = self.object_dir(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() and not replace:
-            self.discard(staging)
-            return StoredObject(target)
-        if target.exists():
-            old = self.root / "tmp" / f"{key}.old.{uuid.uuid4().hex[:12]}"
-            os.replace(target, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(staging, target)
+        for _attempt in range(100):
+            if self.has(key) and not replace:
+                self.discard(staging)
+                return StoredObject(target)
+            self._move_aside(target, staging.parent)
+            try:
+                os.replace(staging, target)
+                break
+            except OSError as exc:  # a racing writer renamed its folder in between: theirs stands
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                replace = False
+        else:
+            raise StoreError(f"{self.location}: could not commit object {key}: the folder keeps changing")
         shutil.rmtree(self.root / "scratch" / key, ignore_errors=True)
         return StoredObject(target)
+
+    def _move_aside(self, target: Path, tmp: Path) -> None:
+        """Rename `target` (if any) into `tmp` and delete it there; a reader never sees it half-gone."""
+        old = tmp / f"{target.name}.old.{uuid.uuid4().hex[:12]}"
+        try:
+            os.replace(target, old)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(old, ignore_errors=True)
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
@@ -202,22 +302,50 @@ class Store:
         return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
 
     def read_run(self, run_id: str | None = None) -> RunRecord:
-        """A run record by id (a unique prefix works), or the latest run."""
+        """A run record by id (a unique prefix works), or the latest run with a readable record.
+
+        A `running` record whose driver has stopped reads as `interrupted` (pipelines/housekeeping.py).
+        """
         ids = self.run_ids()
         if not ids:
             raise StoreError(f"{self.location}: no runs in this store; run a spec with `tda run SPEC`")
         if run_id in (None, "latest"):
-            # ids sort by their start second; runs started within the same second are told apart by
-            # the millisecond start time in their records (their random suffixes do not order them)
-            tied = [i for i in ids if i[:15] == ids[-1][:15]]
-            chosen = tied[0] if len(tied) == 1 else max(tied, key=lambda i: self._run_data(i)["started"])
-        else:
-            matches = [i for i in ids if i == run_id] or [i for i in ids if i.startswith(run_id)]
-            if len(matches) != 1:
-                what = "no run" if not matches else "several runs"
-                raise StoreError(f"{self.location}: {what} matching {run_id!r}; see `tda runs`")
-            chosen = matches[0]
-        return RunRecord(**self._run_data(chosen))
+            return self._latest(ids)
+        matches = [i for i in ids if i == run_id] or [i for i in ids if i.startswith(run_id)]
+        if len(matches) != 1:
+            what = "no run" if not matches else "several runs"
+            raise StoreError(f"{self.location}: {what} matching {run_id!r}; see `tda runs`")
+        return self._record(matches[0])
+
+    def _latest(self, ids: list[str]) -> RunRecord:
+        """The last started run: ids sort by their start second; runs of the same second are told apart
+        by the millisecond start time in their records (their random suffixes do not order them).
+        Unreadable records are skipped, each named in a warning."""
+        for second in sorted({i[:15] for i in ids}, reverse=True):
+            records = []
+            for run_id in (i for i in ids if i[:15] == second):
+                try:
+                    records.append(self._record(run_id))
+                except StoreError as exc:
+                    log.warning("skipped %s", exc)
+            if records:
+                return max(records, key=lambda r: r.started)
+        raise StoreError(f"{self.location}: no readable run record in runs/; run a spec with `tda run SPEC`")
+
+    def _record(self, run_id: str) -> RunRecord:
+        where = self.locate("runs", f"{run_id}.json")
+        try:
+            data = self._run_data(run_id)
+            record = RunRecord(**{k: v for k, v in data.items() if k in RUN_FIELDS})
+        except (ValueError, TypeError, AttributeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StoreError(
+                f"{where}: unreadable run record ({first}); delete it, or restore it from a backup "
+                "(the objects it names stay in the store)"
+            ) from None
+        if driver_gone(record):
+            mark_interrupted(record)
+        return record
 
     def _run_data(self, run_id: str) -> dict[str, Any]:
         return json.loads(self.run_path(run_id).read_text(encoding="utf-8"))
@@ -240,6 +368,11 @@ class RunRecord:
     mlflow: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # ray_start, execute (seconds)
     overrides: list[str] = field(default_factory=list)
+    driver: dict[str, Any] = field(default_factory=dict)  # host, pid, pid_start: who runs it
+    heartbeat: str | None = None  # refreshed while the driver schedules steps
+
+
+RUN_FIELDS = frozenset(RunRecord.__dataclass_fields__)
 
 
 def new_run_id() -> str:

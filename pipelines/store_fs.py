@@ -24,13 +24,15 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipelines.errors import StoreError
+from pipelines.errors import CorruptObject, StoreError
+from pipelines.integrity import describe_files, find_problem, listed_files
 from pipelines.store import RunRecord, Store, StoredObject, write_json_atomic
 
 ATOMIC_PUT = frozenset({"s3", "gcs", "abfs"})  # filesystems where one put replaces a whole object at once
@@ -128,77 +130,141 @@ class FsStore(Store):
         with ThreadPoolExecutor(COPY_THREADS) as pool:
             list(pool.map(one, pairs))
 
-    def _download(self, pairs: list[tuple[str, Path]]) -> None:
-        """Copy remote files to local paths, several at a time."""
+    def _download(self, pairs: list[tuple[str, Path]]) -> list[tuple[int, str | None]]:
+        """Copy remote files to local paths, several at a time; returns each one's (size, sha256)."""
 
-        def one(pair: tuple[str, Path]) -> None:
+        def one(pair: tuple[str, Path]) -> tuple[int, str | None]:
             remote, local = pair
             local.parent.mkdir(parents=True, exist_ok=True)
-            with self.fs.open_input_stream(remote) as src, open(local, "wb") as out:
-                while chunk := src.read(CHUNK):
-                    out.write(chunk)
+            digest, size = hashlib.sha256(), 0
+            try:
+                with self.fs.open_input_stream(remote) as src, open(local, "wb") as out:
+                    while chunk := src.read(CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+            except FileNotFoundError:
+                return -1, None
+            return size, digest.hexdigest()
 
         with ThreadPoolExecutor(COPY_THREADS) as pool:
-            list(pool.map(one, pairs))
-
-    def _list(self, remote: str) -> list[str]:
-        """Files under `remote`, relative to it (manifest.json excluded)."""
-        infos = self.fs.get_file_info(pafs.FileSelector(remote, allow_not_found=True, recursive=True))
-        files = [i.path[len(remote) + 1 :] for i in infos if i.type == pafs.FileType.File]
-        return sorted(f for f in files if f != "manifest.json")
+            return list(pool.map(one, pairs))
 
     # objects ------------------------------------------------------------------
+    def object_keys(self) -> list[str]:
+        with self._io("list objects"):
+            infos = self.fs.get_file_info(pafs.FileSelector(self._path("objects"), allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
     def has(self, key: str) -> bool:
-        with self._io(f"look up object {key}"):
-            info = self.fs.get_file_info(self._path("objects", key, "manifest.json"))
-        return info.type == pafs.FileType.File
+        return listed_files(self.manifest(key)) is not None
 
     def manifest(self, key: str) -> dict[str, Any] | None:
         data = self._read(self._path("objects", key, "manifest.json"))
-        return None if data is None else json.loads(data)
+        try:
+            return None if data is None else json.loads(data)
+        except ValueError:
+            return None
 
     def get(self, key: str) -> StoredObject:
-        """The object, materialised in the cache (fetched unless the cached copy has the same manifest)."""
+        """The object, materialised in the cache: the cached copy if it has the same manifest and its
+        files match it, else fetched, every file hashed on the way in."""
         data = self._read(self._path("objects", key, "manifest.json"))
-        if data is None:
+        files = listed_files(_loads(data))
+        if data is None or files is None:
             raise StoreError(f"{self.uri}: no object {key} in the store")
         local = self.object_dir(key)
         with contextlib.suppress(FileNotFoundError):
-            if (local / "manifest.json").read_bytes() == data:
+            if (local / "manifest.json").read_bytes() == data and find_problem(local, files, True) is None:
                 return StoredObject(local)
-        remote = self._path("objects", key)
-        listed = json.loads(data).get("files")
         tmp = self.root / "tmp" / f"{key}.get.{uuid.uuid4().hex[:12]}"
         try:
             with self._io(f"download object {key}"):
-                files = listed if listed is not None else self._list(remote)
-                self._download([(f"{remote}/{f}", tmp / f) for f in files])
+                seen = self._download([(self._path("objects", key, f), tmp / f) for f in files])
+            digests = dict(zip(files, seen, strict=True))
+            problem = _mismatch(files, digests)
+            if problem is not None:
+                raise self._corrupt(key, json.loads(data), problem)
             (tmp / "manifest.json").write_bytes(data)  # last, as in the store
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return StoredObject(_install(tmp, local))
 
+    def check(self, key: str, hashes: bool = False) -> bool:
+        """Is `key` a complete object? Its remote files' sizes are compared with the manifest (one
+        listing), their sha256 too (a download) with `hashes`; a damaged one is quarantined."""
+        manifest = self.manifest(key)
+        files = listed_files(manifest)
+        if files is None:
+            return False
+        try:
+            if hashes:
+                self.verify(key)
+            else:
+                remote = self._path("objects", key)
+                with self._io(f"list object {key}"):
+                    sizes = self._sizes(remote)
+                problem = _mismatch(files, {f: (n, None) for f, n in sizes.items()})
+                if problem is not None:
+                    raise self._corrupt(key, manifest or {}, problem)
+        except CorruptObject:
+            return False
+        return True
+
+    def verify(self, key: str, hashes: bool = True, memo: bool = True) -> None:
+        """Hash the remote files of object `key` (streamed, nothing cached); CorruptObject if they differ."""
+        manifest = self.manifest(key) or {}
+        files = listed_files(manifest) or {}
+        remote = self._path("objects", key)
+        with self._io(f"read object {key}"):
+            digests = {f: _stream_digest(self.fs, f"{remote}/{f}") for f in files}
+        problem = _mismatch(files, digests)
+        if problem is not None:
+            raise self._corrupt(key, manifest, problem)
+
+    def quarantine(self, key: str) -> str | None:
+        """Take object `key` out of the store: its manifest moves to quarantine/ (so the object is gone
+        for every reader at once), its files stay for inspection; the cached copy is dropped."""
+        stamp = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        data = self._read(self._path("objects", key, "manifest.json"))
+        shutil.rmtree(self.object_dir(key), ignore_errors=True)
+        if data is None:
+            return None
+        with self._io(f"quarantine object {key}"):
+            self._put(self._path("quarantine", f"{key}.{stamp}.json"), data)
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(self._path("objects", key, "manifest.json"))
+        return self.locate("quarantine", f"{key}.{stamp}.json")
+
     def commit(
         self, key: str, staging: Path, manifest: dict[str, Any], replace: bool = False
     ) -> StoredObject:
-        """Upload the staged files, then the manifest (listing them) last; keep the staging folder as the
-        cached copy. An existing object is kept (ours discarded) unless `replace`: then it is deleted first.
-        """
-        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        """Upload the staged files, then the manifest (listing them with sizes and sha256) last; keep
+        the staging folder as the cached copy. An existing object is kept (ours discarded) unless
+        `replace`: then it is deleted first."""
+        files = describe_files(staging)
         if not replace and self.has(key):
             self.discard(staging)
             return self.get(key)
         remote = self._path("objects", key)
         with self._io(f"upload object {key}"):
-            if replace:
-                self._delete(remote)
+            self._delete(remote)  # also strays of an earlier failed upload, or files of an older object
             self._upload([(staging / f, f"{remote}/{f}") for f in files])
         write_json_atomic(staging / "manifest.json", {**manifest, "files": files})
         self._put_manifest(key, (staging / "manifest.json").read_bytes())
         target = _install(staging, self.object_dir(key))
         shutil.rmtree(self.root / "scratch" / key, ignore_errors=True)
         return StoredObject(target)
+
+    def _sizes(self, remote: str) -> dict[str, int]:
+        """Files under `remote` (manifest.json excluded), relative to it → size."""
+        infos = self.fs.get_file_info(pafs.FileSelector(remote, allow_not_found=True, recursive=True))
+        return {
+            i.path[len(remote) + 1 :]: i.size
+            for i in infos
+            if i.type == pafs.FileType.File and i.path[len(remote) + 1 :] != "manifest.json"
+        }
 
     def _put_manifest(self, key: str, data: bytes) -> None:
         with self._io(f"upload the manifest of object {key}"):
@@ -210,11 +276,18 @@ class FsStore(Store):
             self.fs.delete_file(f"{remote}/manifest.json")
         self.fs.delete_dir_contents(remote, missing_dir_ok=True)
 
-    def upload(self, local: Path, *parts: str) -> str:
-        """Copy a local file or folder to `<uri>/<parts>`, replacing what was there; returns its URI."""
+    def upload(self, local: Path, *parts: str, replace_marker: str | None = None) -> str:
+        """Copy a local file or folder to `<uri>/<parts>`, replacing what was there; returns its URI.
+        With `replace_marker`, a folder already there is replaced only if it holds that file."""
         remote = self._path(*parts)
         with self._io(f"upload {'/'.join(parts)}"):
             if self.fs.get_file_info(remote).type == pafs.FileType.Directory:
+                marked = replace_marker is None or self._read(f"{remote}/{replace_marker}") is not None
+                if not marked:
+                    raise StoreError(
+                        f"{self.locate(*parts)}: a folder that no export made (no {replace_marker}); "
+                        "remove it or choose another export path"
+                    )
                 self.fs.delete_dir_contents(remote)
             if local.is_dir():
                 files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
@@ -240,6 +313,41 @@ class FsStore(Store):
         if data is None:
             raise StoreError(f"{self.uri}: run {run_id} vanished while reading it; see `tda runs`")
         return json.loads(data)
+
+
+def _loads(data: bytes | None) -> dict[str, Any] | None:
+    try:
+        return None if data is None else json.loads(data)
+    except ValueError:
+        return None
+
+
+def _stream_digest(fs: pafs.FileSystem, path: str) -> tuple[int, str | None]:
+    """(size, sha256) of a remote file, read in chunks; (-1, None) if it is missing."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        with fs.open_input_stream(path) as src:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        return -1, None
+    return size, digest.hexdigest()
+
+
+def _mismatch(files: dict[str, dict[str, Any]], seen: dict[str, tuple[int, str | None]]) -> str | None:
+    """The first listed file whose (size, sha256) differs from what was seen ("FILE: what"), else None.
+    A seen sha256 of None compares sizes only."""
+    for rel, entry in files.items():
+        size, digest = seen.get(rel, (-1, None))
+        if size < 0:
+            return f"{rel}: missing"
+        if size != entry["size"]:
+            return f"{rel}: {size:,} bytes where the manifest says {entry['size']:,}"
+        if digest is not None and digest != entry["sha256"]:
+            return f"{rel}: its sha256 differs from the manifest's (the file changed after it was stored)"
+    stray = next((f for f in seen if f.startswith("data/") and f not in files), None)
+    return f"{stray}: not listed in the manifest" if stray else None
 
 
 def _install(tmp: Path, target: Path) -> Path:

@@ -48,7 +48,7 @@ def test_commit_is_atomic_and_keeps_an_existing_object_unless_replacing(tmp_path
     assert store.get("k1").manifest["value"] == 1
     _commit(store, "k1", 3, replace=True)  # a forced re-run swaps it
     assert store.get("k1").manifest["value"] == 3
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert [p for p in (tmp_path / "tmp").rglob("*") if not p.is_dir()] == []  # staging gone
 
 
 def test_run_records_by_id_prefix_and_latest(tmp_path):
@@ -136,4 +136,4 @@ def test_a_failing_step_leaves_nothing_behind(tmp_path):
         execute_step(
             StepJob("f", "fail_while", "key2", "1", toy_steps.fail_while, params, {}, str(store.root))
         )
-    assert not store.has("key2") and list((tmp_path / "tmp").iterdir()) == []
+    assert not store.has("key2") and [p for p in (tmp_path / "tmp").rglob("*") if not p.is_dir()] == []
