@@ -90,49 +90,56 @@ def _execute_on_ray(job: StepJob) -> StepOutcome:
 
 
 def ensure_ray(address: str | None, num_cpus: int | None) -> None:
-    """Connect to `address`, or start an embedded Ray (its own temp dir, no dashboard, no stats)."""
+    """Connect to `address`, or start an embedded Ray (see `_start_embedded_ray`)."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address in (None, "", "local"):
-        # token auth stays on (Ray's default); only its "enabled by default" notice is hushed
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        # steps share the embedded cluster: a Ray Train step may wait for CPUs that other steps hold,
-        # so its worker group must not give up after Ray Train's default 60 s (the raylet and every
-        # worker inherit this process's environment)
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "86400")
-        temp_dir = ray_temp_dir()  # removed at exit; a later run removes it if this driver is killed
-        atexit.register(_stop_embedded_ray, temp_dir)
-        # nothing of an embedded run listens beyond loopback: Ray binds its GCS, raylet, workers, agents
-        # and Prometheus metrics servers to 127.0.0.1 only when that is the node IP, but ray.init turns
-        # a 127.0.0.1 node IP into the routable one (services.resolve_ip_for_localhost) unless multi-node
-        # clusters are off, as on macOS/Windows; off for this call only (read when the node starts)
-        from ray._private import ray_constants
+        _start_embedded_ray(num_cpus)
+        return
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError) as exc:
+        raise RayUnavailable(
+            f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}; check the address "
+            "(`ray status` on the head node) or leave --ray-address out for an embedded Ray"
+        ) from None
 
-        clusters = ray_constants.ENABLE_RAY_CLUSTER
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        try:
-            ray.init(
-                address="local",
-                num_cpus=num_cpus or os.cpu_count(),
-                include_dashboard=True,  # Ray Train's placement-group cleaner queries the state API
-                dashboard_host="127.0.0.1",
-                _node_ip_address="127.0.0.1",
-                _temp_dir=temp_dir,
-                logging_level=logging.WARNING,
-            )
-        finally:
-            ray_constants.ENABLE_RAY_CLUSTER = clusters
-    else:
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError) as exc:
-            raise RayUnavailable(
-                f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}; check the address "
-                "(`ray status` on the head node) or leave --ray-address out for an embedded Ray"
-            ) from None
+
+def _start_embedded_ray(num_cpus: int | None) -> None:
+    """A Ray of this process: loopback only, its own temp dir (removed at exit, or by a later run if
+    this driver is killed), the dashboard on 127.0.0.1 (Ray Train queries its state API)."""
+    import ray
+    from ray._private import ray_constants
+
+    # token auth stays on (Ray's default); only its "enabled by default" notice is hushed
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # steps share the embedded cluster: a Ray Train step may wait for CPUs that other steps hold,
+    # so its worker group must not give up after Ray Train's default 60 s (the raylet and every
+    # worker inherit this process's environment)
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "86400")
+    temp_dir = ray_temp_dir()
+    atexit.register(_stop_embedded_ray, temp_dir)
+    # nothing of an embedded run listens beyond loopback: Ray binds its GCS, raylet, workers, agents
+    # and Prometheus metrics servers to 127.0.0.1 only when that is the node IP, but ray.init turns
+    # a 127.0.0.1 node IP into the routable one (services.resolve_ip_for_localhost) unless multi-node
+    # clusters are off, as on macOS/Windows; off for this call only (read when the node starts)
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=True,  # Ray Train's placement-group cleaner queries the state API
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp_dir,
+            logging_level=logging.WARNING,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
 
 
 def _stop_embedded_ray(temp_dir: str) -> None:

@@ -184,29 +184,32 @@ class Store:
     def get(self, key: str) -> StoredObject:
         """The object, its files checked against the manifest (sizes, and sha256 once per process);
         a mismatch quarantines it and raises CorruptObject naming the file."""
-        if not self.has(key):
-            raise StoreError(f"{self.location}: no object {key} in the store")
         self.verify(key, hashes=True)
         return StoredObject(self.object_dir(key))
 
     def check(self, key: str, hashes: bool = False) -> bool:
         """Is `key` a complete object (its files present with their sizes, and with their sha256 if
         `hashes`)? A damaged one is quarantined, so the step that makes it runs again."""
-        if not self.has(key):
-            return False
         try:
             self.verify(key, hashes=hashes)
-        except CorruptObject:
+        except StoreError:  # no object, or a damaged one (CorruptObject)
             return False
         return True
 
-    def verify(self, key: str, hashes: bool = True, memo: bool = True) -> None:
-        """Check object `key` against its manifest; CorruptObject (after quarantining it) if it differs."""
-        manifest = self.manifest(key) or {}
-        files = listed_files(manifest) or {}
-        problem = find_problem(self.object_dir(key), files, hashes, memo)
-        if problem is not None:
-            raise self._corrupt(key, manifest, problem)
+    def verify(self, key: str, hashes: bool = True, memo: bool = True) -> dict[str, Any]:
+        """Check object `key` against its manifest and return the manifest; StoreError if there is no
+        object, CorruptObject (after quarantining it) if its files differ from the manifest."""
+        for _attempt in range(2):
+            manifest = self.manifest(key)
+            files = listed_files(manifest)
+            if manifest is None or files is None:
+                raise StoreError(f"{self.location}: no object {key} in the store")
+            problem = find_problem(self.object_dir(key), files, hashes, memo)
+            if problem is None:
+                return manifest
+            if self.manifest(key) == manifest:  # not a forced re-run replacing it under our feet
+                break
+        raise self._corrupt(key, manifest, problem)
 
     def _corrupt(self, key: str, manifest: dict[str, Any], problem: str) -> CorruptObject:
         where = self.quarantine(key)
@@ -223,13 +226,15 @@ class Store:
         )
 
     def quarantine(self, key: str) -> str | None:
-        """Move object `key` out of `objects/` into `quarantine/`; returns where (None if it was gone
-        or the store is read-only to us)."""
+        """Move object `key` out of `objects/` into `quarantine/`; returns where (None if the store is
+        read-only to us)."""
         stamp = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         target = self.root / "quarantine" / f"{key}.{stamp}"
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.object_dir(key), target)
+        except FileNotFoundError:  # another reader quarantined it first
+            return str(target.parent)
         except OSError:
             return None
         return str(target)

@@ -212,16 +212,20 @@ class FsStore(Store):
             return False
         return True
 
-    def verify(self, key: str, hashes: bool = True, memo: bool = True) -> None:
-        """Hash the remote files of object `key` (streamed, nothing cached); CorruptObject if they differ."""
-        manifest = self.manifest(key) or {}
-        files = listed_files(manifest) or {}
+    def verify(self, key: str, hashes: bool = True, memo: bool = True) -> dict[str, Any]:
+        """Hash the remote files of object `key` (streamed, nothing cached) and return its manifest;
+        StoreError if there is no object, CorruptObject if they differ."""
+        manifest = self.manifest(key)
+        files = listed_files(manifest)
+        if manifest is None or files is None:
+            raise StoreError(f"{self.uri}: no object {key} in the store")
         remote = self._path("objects", key)
         with self._io(f"read object {key}"):
             digests = {f: _stream_digest(self.fs, f"{remote}/{f}") for f in files}
         problem = _mismatch(files, digests)
         if problem is not None:
             raise self._corrupt(key, manifest, problem)
+        return manifest
 
     def quarantine(self, key: str) -> str | None:
         """Take object `key` out of the store: its manifest moves to quarantine/ (so the object is gone
