@@ -22,19 +22,7 @@ from pipelines.cli import main
 from pipelines.errors import CorruptObject
 from pipelines.exports import MARKER, export_to_store
 from pipelines.store import Store
-
-CHAIN = """
-version: 1
-name: chain
-steps:
-  base:
-    kind: numbers
-    n: 5
-  plus:
-    kind: add
-    data: base
-    amount: 2
-"""
+from tests.pipelines.test_runner import CHAIN
 
 
 def _commit(store: Store, key: str, value: int = 1, rows: int = 3, replace: bool = False):
