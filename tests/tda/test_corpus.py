@@ -1,5 +1,6 @@
-"""load_corpus (JSONL, CSV, Parquet shards, column mapping, ids, every DataError) and
-synthetic_instructions (families, determinism, balance, correct answers)."""
+"""load_corpus (JSONL, CSV, Parquet and Arrow shards, datasets' save_to_disk folders, column mapping,
+ids, extra columns, split columns, every DataError) and synthetic_instructions (families,
+determinism, balance, correct answers)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from tda.data.corpus import load_corpus
@@ -140,7 +142,9 @@ class TestInvalidSources:
 
     def test_folder_without_supported_files(self, tmp_path):
         (tmp_path / "notes.txt").write_text("hi")
-        raises_one_line(r"holds no \.jsonl/\.ndjson, \.parquet or \.csv files", load_corpus, tmp_path)
+        raises_one_line(
+            r"holds no \.jsonl/\.ndjson, \.parquet, \.csv or \.arrow files", load_corpus, tmp_path
+        )
 
     def test_folder_mixing_formats(self, tmp_path, qa_records):
         write_jsonl(tmp_path / "a.jsonl", qa_records)
@@ -375,3 +379,316 @@ class TestSynthetic:
         )
         raises_one_line(r"families is empty", synthetic_instructions, 5, families=[])
         raises_one_line(r"n_examples=0", synthetic_instructions, 0)
+
+
+# --- the source's own columns -----------------------------------------------------------------
+def write_parquet(path: Path, columns: dict) -> Path:
+    pl.DataFrame(columns).write_parquet(path)
+    return path
+
+
+class TestExtraColumns:
+    def test_kept_after_the_corpus_columns_with_their_types(self, tmp_path):
+        records = [
+            {"source": "wiki", "prompt": "p0", "year": 2020, "response": "r0", "score": 0.5, "ok": True,
+             "tags": ["a", "b"], "meta": {"lang": "en"}, "group": "g"},
+            {"source": "web", "prompt": "p1", "year": 2021, "response": "r1", "score": 1.0, "ok": False,
+             "tags": [], "meta": {"lang": "fr"}, "group": None},
+        ]  # fmt: skip
+        df = load_corpus(write_jsonl(tmp_path / "m.jsonl", records))
+        assert df.columns == [*SCHEMA, "source", "year", "score", "ok", "tags", "meta"]
+        assert {k: df.schema[k] for k in SCHEMA} == SCHEMA
+        assert df.schema["year"] == pl.Int64 and df.schema["score"] == pl.Float64
+        assert df.schema["ok"] == pl.Boolean and df.schema["tags"] == pl.List(pl.String)
+        assert df["source"].to_list() == ["wiki", "web"] and df["meta"].struct.field("lang")[1] == "fr"
+
+    def test_columns_read_as_texts_group_and_id_are_not_repeated(self, tmp_path):
+        records = [{"uid": 7, "q": "p", "a": "r", "task": "t", "url": "https://x.org/7"}]
+        columns = {"prompt": "q", "response": "a", "group": "task"}
+        df = load_corpus(write_jsonl(tmp_path / "m.jsonl", records), columns=columns, id_column="uid")
+        assert df.columns == [*SCHEMA, "url"] and df.row(0) == (7, "p", "r", "t", "https://x.org/7")
+
+    def test_across_shards_missing_columns_are_null_and_numbers_widen(self, tmp_path):
+        write_parquet(tmp_path / "a.parquet", {"prompt": ["a"], "response": ["r"], "src": ["x"], "n": [1]})
+        write_parquet(tmp_path / "b.parquet", {"prompt": ["b"], "response": ["r"], "n": [2.5], "url": ["u"]})
+        write_parquet(
+            tmp_path / "c.parquet",
+            {"prompt": ["c"], "response": ["r"], "src": pl.Series([None], dtype=pl.Null)},
+        )
+        df = load_corpus(tmp_path)
+        assert df.columns == [*SCHEMA, "src", "n", "url"]
+        assert df.schema["n"] == pl.Float64 and df.schema["src"] == pl.String
+        assert df["src"].to_list() == ["x", None, None] and df["n"].to_list() == [1.0, 2.5, None]
+        assert df["url"].to_list() == [None, "u", None]
+
+    def test_csv_columns_are_text(self, tmp_path):
+        path = tmp_path / "m.csv"
+        path.write_text("prompt,response,year,Source URL\np,r,2020,https://x.org\n", encoding="utf-8")
+        df = load_corpus(path)
+        assert df.columns == [*SCHEMA, "year", "Source URL"] and df.row(0)[4:] == ("2020", "https://x.org")
+
+    def test_keep_columns_list_picks_and_orders(self, tmp_path):
+        records = [{"instruction": "Add.", "input": "1 2", "output": "3", "url": "u", "lic": "mit", "x": 1}]
+        path = write_jsonl(tmp_path / "a.jsonl", records)
+        df = load_corpus(path, keep_columns=["lic", "input"])  # a column read as a text may be kept too
+        assert df.columns == [*SCHEMA, "lic", "input"] and df.row(0)[1:] == (
+            "Add.\n\n1 2",
+            "3",
+            None,
+            "mit",
+            "1 2",
+        )
+        check_corpus(load_corpus(path, keep_columns=[]), 1)
+
+    def test_the_split_step_keeps_them(self, tmp_path):
+        from tda.data.split import split_table
+
+        records = [{"prompt": f"p{i}", "response": "r", "source": f"s{i % 2}"} for i in range(10)]
+        df = split_table(
+            load_corpus(write_jsonl(tmp_path / "m.jsonl", records)), n_targets=2, stratify_by="source"
+        )
+        assert df.columns == [*SCHEMA, "source", "split"] and df.height == 10
+
+
+class TestInvalidExtraColumns:
+    def test_types_that_disagree_across_shards(self, tmp_path):
+        write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "r", "year": 2020}])
+        write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p", "response": "r", "year": "2021"}])
+        raises_one_line(
+            r"b\.jsonl: column 'year' holds String values but \S*a\.jsonl holds Int64; give the column one "
+            r"type in every shard, or leave it out with keep_columns",
+            load_corpus,
+            tmp_path,
+        )
+        assert load_corpus(tmp_path, keep_columns=[]).height == 2
+
+    def test_names_that_clash_with_the_corpus_columns(self, tmp_path):
+        records = [{"instruction": "i", "output": "o", "prompt": "old", "task": "t", "group": "g"}]
+        path = write_jsonl(tmp_path / "a.jsonl", records)
+        columns = {"instruction": "instruction", "output": "output", "group": "task"}
+        raises_one_line(
+            r"a\.jsonl: column 'prompt' would clash with the corpus's own 'prompt'; list the columns to "
+            r"keep in keep_columns without it",
+            load_corpus,
+            path,
+            columns=columns,
+        )
+        raises_one_line(
+            r"column 'group' would clash", load_corpus, path, columns=columns, keep_columns=["group"]
+        )
+        assert load_corpus(path, columns=columns, keep_columns=[])["prompt"].to_list() == ["i"]
+        path = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "p", "response": "r", "split": "train"}])
+        raises_one_line(r"s\.jsonl: column 'split' would clash .*set split_column: split", load_corpus, path)
+        path = write_jsonl(tmp_path / "e.jsonl", [{"example_id": 3, "prompt": "p", "response": "r"}])
+        raises_one_line(
+            r"e\.jsonl: column 'example_id' would clash .*set id_column: example_id", load_corpus, path
+        )
+        assert load_corpus(path, id_column="example_id")["example_id"].to_list() == [3]
+
+    def test_blank_column_name(self, tmp_path):
+        path = tmp_path / "b.csv"
+        path.write_text("prompt,response,\np,r,x\n", encoding="utf-8")
+        raises_one_line(r"b\.csv: a column has a blank name \(''\); name it", load_corpus, path)
+        check_corpus(load_corpus(path, keep_columns=[]), 1)
+
+    def test_bad_keep_columns(self, tmp_path, qa_records):
+        path = write_jsonl(tmp_path / "qa.jsonl", qa_records)
+        raises_one_line(r"keep_columns: no file has a column 'url'; columns are 'prompt'", load_corpus, path,
+                        keep_columns=["url"])  # fmt: skip
+        raises_one_line(
+            r"keep_columns: 'group' is listed twice", load_corpus, path, keep_columns=["group", "group"]
+        )
+
+
+# --- pre-split corpora ------------------------------------------------------------------------
+def split_records(values: list) -> list[dict]:
+    return [{"prompt": f"p{i}", "response": "r", "part": v, "url": f"u{i}"} for i, v in enumerate(values)]
+
+
+class TestSplitColumn:
+    def test_default_values_and_the_split_column_after_group(self, tmp_path):
+        path = write_jsonl(
+            tmp_path / "s.jsonl", split_records(["train", "TEST", " validation ", "dev", "Train"])
+        )
+        df = load_corpus(path, split_column="part")
+        assert df.columns == [*SCHEMA, "split", "url"]  # the split column is read, not repeated
+        assert df["split"].to_list() == ["train", "target", "target", "target", "train"]
+
+    def test_split_values_add_override_and_drop(self, tmp_path):
+        path = write_jsonl(tmp_path / "s.jsonl", split_records(["train", "holdout", "validation", "test"]))
+        df = load_corpus(path, split_column="part", split_values={"Holdout": "target", "validation": "drop"})
+        assert df["example_id"].to_list() == [0, 1, 3]  # ids keep numbering the source rows
+        assert df["split"].to_list() == ["train", "target", "target"]
+
+    def test_a_column_named_split_and_boolean_values(self, tmp_path):
+        records = [
+            {"prompt": "p", "response": "r", "split": s, "is_test": t}
+            for s, t in [("train", False), ("test", True)]
+        ]
+        df = load_corpus(write_jsonl(tmp_path / "s.jsonl", records), split_column="split")
+        assert df["split"].to_list() == ["train", "target"] and df.columns[-1] == "is_test"
+        df = load_corpus(
+            tmp_path / "s.jsonl", split_column="is_test", split_values={"true": "target", "false": "train"},
+            keep_columns=[],
+        )  # fmt: skip
+        assert df["split"].to_list() == ["train", "target"]
+
+    def test_unknown_and_null_values(self, tmp_path):
+        path = write_jsonl(tmp_path / "s.jsonl", split_records(["train", "train_sft"]))
+        message = raises_one_line(
+            r"s\.jsonl:2: split column 'part' holds 'train_sft', neither a training nor a target value; "
+            r"map it with split_values, e\.g\. \{train_sft: target\}",
+            load_corpus,
+            path,
+            split_column="part",
+        )
+        assert "drop" in message
+        path = write_jsonl(tmp_path / "n.jsonl", split_records(["test", None]))
+        raises_one_line(r"n\.jsonl:2: split column 'part' is null", load_corpus, path, split_column="part")
+
+    def test_bad_split_arguments(self, tmp_path):
+        path = write_jsonl(tmp_path / "s.jsonl", split_records(["train", "test"]))
+        raises_one_line(
+            r"s\.jsonl: no split column 'spilt'; columns are", load_corpus, path, split_column="spilt"
+        )
+        raises_one_line(
+            r"split_values: there is no split_column", load_corpus, path, split_values={"a": "train"}
+        )
+        raises_one_line(r"split_values\.a: 'dev' is not train, target or drop", load_corpus, path,
+                        split_column="part", split_values={"a": "dev"})  # fmt: skip
+        raises_one_line(r"split_values drops every row", load_corpus, path, split_column="part",
+                        split_values={"train": "drop", "test": "drop"})  # fmt: skip
+
+
+# --- datasets' save_to_disk folders -----------------------------------------------------------
+def arrow_features(schema: pa.Schema) -> dict:
+    """`datasets` Features of plain columns, as `dataset_info.json` and the schema metadata hold them."""
+    return {f.name: {"dtype": str(f.type).replace("double", "float64"), "_type": "Value"} for f in schema}
+
+
+def save_to_disk(folder: Path, table: pa.Table, num_shards: int = 1, split: str | None = None) -> Path:
+    """What `Dataset.save_to_disk` writes (datasets 2.x–4.x): Arrow *stream* shards
+    `data-0000i-of-0000N.arrow` with the features in the schema metadata, `state.json` listing them,
+    and `dataset_info.json`. Written here with pyarrow, as `datasets` is not a dependency."""
+    folder.mkdir(parents=True)
+    features = arrow_features(table.schema)
+    schema = table.schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    names = [f"data-{i:05d}-of-{num_shards:05d}.arrow" for i in range(num_shards)]
+    bounds = [table.num_rows * i // num_shards for i in range(num_shards + 1)]
+    for name, start, stop in zip(names, bounds, bounds[1:], strict=False):
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_table(table.slice(start, stop - start).replace_schema_metadata(schema.metadata))
+    state = {
+        "_data_files": [{"filename": name} for name in names],
+        "_fingerprint": "5f1c0a7d3e9b2c41",
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": split,
+    }
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    info = {"builder_name": None, "citation": "", "config_name": None, "dataset_name": None,
+            "description": "", "features": features, "homepage": "", "license": "",
+            "splits": None}  # fmt: skip
+    (folder / "dataset_info.json").write_text(json.dumps(info, indent=2))
+    return folder
+
+
+def save_dict_to_disk(folder: Path, splits: dict[str, pa.Table]) -> Path:
+    """What `DatasetDict.save_to_disk` writes: `dataset_dict.json` and one Dataset folder per split."""
+    folder.mkdir(parents=True)
+    (folder / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
+    for name, table in splits.items():
+        save_to_disk(folder / name, table, split=name)
+    return folder
+
+
+def qa_table(n: int, start: int = 0) -> pa.Table:
+    rows = range(start, start + n)
+    return pa.table({
+        "prompt": [f"q{i}" for i in rows], "response": [f"a{i}" for i in rows],
+        "source": [f"s{i % 3}" for i in rows], "stars": pa.array(list(rows), pa.int32()),
+    })  # fmt: skip
+
+
+class TestSavedDatasets:
+    def test_dataset_folder_in_its_shard_order(self, tmp_path):
+        folder = save_to_disk(tmp_path / "ds", qa_table(7), num_shards=3)
+        df = load_corpus(folder)
+        assert df.columns == [*SCHEMA, "source", "stars"] and df.schema["stars"] == pl.Int32
+        assert df["prompt"].to_list() == [f"q{i}" for i in range(7)] and df["example_id"].to_list() == list(
+            range(7)
+        )
+        assert load_corpus(folder, format="arrow").equals(df)
+
+    def test_dataset_dict_split_names_are_the_split(self, tmp_path):
+        splits = {"train": qa_table(4), "validation": qa_table(2, 4), "test": qa_table(3, 6)}
+        folder = save_dict_to_disk(tmp_path / "dd", splits)
+        df = load_corpus(folder)
+        assert df.columns == [*SCHEMA, "split", "source", "stars"] and df.height == 9
+        assert df["split"].to_list() == ["train"] * 4 + ["target"] * 5
+        df = load_corpus(folder, split_values={"validation": "drop"})
+        assert df["prompt"].to_list()[4:] == ["q6", "q7", "q8"] and df["example_id"][4] == 6
+        one = load_corpus(folder / "test")  # one split alone: no split column
+        assert one.columns == [*SCHEMA, "source", "stars"] and one["prompt"].to_list() == ["q6", "q7", "q8"]
+
+    def test_dataset_dict_with_a_split_column_of_its_own(self, tmp_path):
+        table = qa_table(4).append_column("fold", pa.array(["train", "test", "train", "test"]))
+        df = load_corpus(save_dict_to_disk(tmp_path / "dd", {"all": table}), split_column="fold")
+        assert df["split"].to_list() == ["train", "target", "train", "target"]
+
+    def test_single_arrow_files_stream_or_file_format(self, tmp_path):
+        table = qa_table(3)
+        with pa.OSFile(str(tmp_path / "s.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        with pa.OSFile(str(tmp_path / "f.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        assert load_corpus(tmp_path / "s.arrow").equals(load_corpus(tmp_path / "f.arrow"))
+        assert load_corpus(tmp_path).height == 6  # a folder of .arrow shards without state.json
+
+    def test_unknown_dataset_dict_split(self, tmp_path):
+        folder = save_dict_to_disk(tmp_path / "dd", {"train_sft": qa_table(2), "test_sft": qa_table(2, 2)})
+        raises_one_line(
+            r"dd/train_sft: DatasetDict split 'train_sft' is neither a training nor a target split; "
+            r"map it with split_values, e\.g\. \{train_sft: target\}",
+            load_corpus,
+            folder,
+        )
+        df = load_corpus(folder, split_values={"train_sft": "train", "test_sft": "target"})
+        assert df["split"].to_list() == ["train", "train", "target", "target"]
+
+    def test_blank_text_names_the_arrow_row(self, tmp_path):
+        table = pa.table({"prompt": ["a", " "], "response": ["x", "y"]})
+        folder = save_to_disk(tmp_path / "ds", table)
+        raises_one_line(r"data-00000-of-00001\.arrow: row 1: the prompt is empty", load_corpus, folder)
+
+    def test_broken_folders(self, tmp_path):
+        folder = save_to_disk(tmp_path / "ds", qa_table(2))
+        state = json.loads((folder / "state.json").read_text())
+        for entry, message in [
+            ([{"filename": "data-9.arrow"}], r"data-9\.arrow: listed in \S*state\.json but missing"),
+            ([{"filename": "../x.arrow"}], r"state\.json: `_data_files` entry .* is not a plain file name"),
+            ([], r"state\.json: `_data_files` lists no Arrow files"),
+        ]:  # fmt: skip
+            (folder / "state.json").write_text(json.dumps({**state, "_data_files": entry}))
+            raises_one_line(message, load_corpus, folder)
+        (folder / "state.json").write_text(
+            json.dumps({**state, "_indices_data_files": [{"filename": "i.arrow"}]})
+        )
+        raises_one_line(r"indices mapping .*flatten_indices\(\)", load_corpus, folder)
+        (folder / "state.json").write_text("{")
+        raises_one_line(r"state\.json: unreadable JSON", load_corpus, folder)
+        (folder / "state.json").write_text(json.dumps(state))
+        (folder / "data-00000-of-00001.arrow").write_bytes(b"not arrow")
+        raises_one_line(r"data-00000-of-00001\.arrow: unreadable Arrow file", load_corpus, folder)
+        raises_one_line(r"holds no \.parquet, \.pq files", load_corpus, folder, format="parquet")
+
+    def test_broken_dataset_dict(self, tmp_path):
+        folder = save_dict_to_disk(tmp_path / "dd", {"train": qa_table(2)})
+        (folder / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+        raises_one_line(
+            r"dd/test: split 'test' of \S*dataset_dict\.json has no state\.json", load_corpus, folder
+        )
+        (folder / "dataset_dict.json").write_text(json.dumps({"splits": "train"}))
+        raises_one_line(r"`splits` is not a list of split names", load_corpus, folder)
