@@ -256,7 +256,9 @@ def _pydantic_errors(
             if isinstance(step, dict) and loc[2] == step.get("kind"):
                 loc = loc[:2] + loc[3:]
         msg = err["msg"]
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            msg = str(err["ctx"]["error"])  # the validator's own sentence, without "Value error, "
+        elif err["type"] == "extra_forbidden":
             msg = _unknown_field_message(loc, data, model)
         elif err["type"] == "missing":  # point at the mapping that lacks the field
             out.append(f"{source.where(loc[:-1])}: {dotted(loc)}: missing required field {loc[-1]!r}")

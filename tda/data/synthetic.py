@@ -319,6 +319,34 @@ def synthetic_instructions(n_examples: int, seed: int = 0, families: list[str] |
     )
 
 
+def disjoint_draw(
+    n_examples: int, seed: int, families: list[str] | None, exclude: pl.DataFrame, tries: int = 8
+) -> pl.DataFrame:
+    """`n_examples` examples of another draw (`seed`) none of whose (prompt, response) pairs is in
+    `exclude`: draws of 2n, 4n, … examples are filtered until n remain (the first n, ids 0..n-1).
+
+    Raises:
+        DataError: the families cannot make n examples outside `exclude` (e.g. a small fact table).
+    """
+    pairs = exclude.select("prompt", "response").unique()
+    size, kept = 2 * n_examples, pl.DataFrame()
+    for _ in range(tries):
+        drawn = synthetic_instructions(size, seed, families)
+        kept = drawn.join(pairs, on=["prompt", "response"], how="anti").unique(
+            ["prompt", "response"], keep="first", maintain_order=True
+        )
+        if kept.height >= n_examples:
+            out = kept.head(n_examples).with_columns(
+                pl.int_range(n_examples, dtype=pl.Int64).alias("example_id")
+            )
+            return out
+        size *= 2
+    raise DataError(
+        f"synthetic_instructions: only {kept.height} of {n_examples} examples are outside `exclude`; "
+        "lower n_examples or choose families with more distinct examples"
+    )
+
+
 def _checked_families(families: list[str] | None) -> list[str]:
     """The chosen families in the given order; unknown names suggest the closest known ones."""
     if families is None:

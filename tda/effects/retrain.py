@@ -44,11 +44,17 @@ def subset_losses(
     l2_sum: float,
     subsets: list[Tensor],
     warm_start: bool = True,
+    seeds: list[int] | None = None,
 ) -> Tensor:
-    """Each target's loss after training on each subset (rows of X): (J subsets, m targets)."""
+    """Each target's loss after training on each subset (rows of X): (J subsets, m targets).
+
+    Every fit starts from `theta` (None or `warm_start=False`: the family's initialisation); `seeds`
+    gives each subset's fit its own data order (None: the family's seed for all)."""
     out = torch.empty(len(subsets), len(X_target), dtype=torch.float64)
     for j, index in enumerate(subsets):
-        fit = family.fit(X[index], y[index], l2_sum=l2_sum, init=theta if warm_start else None)
+        init = theta if warm_start else None
+        seed = None if seeds is None else seeds[j]
+        fit = family.fit(X[index], y[index], l2_sum=l2_sum, init=init, seed=seed)
         with torch.no_grad():
             out[j] = family.losses(fit.theta, X_target, y_target)
     return out

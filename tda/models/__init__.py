@@ -1,9 +1,20 @@
 """Model families (least squares, logistic regression, MLP, causal LM) and their on-disk form.
 
-A saved model is a folder:
+A saved model is a folder. The small families keep their flat parameter vector:
 
     params.safetensors   one float64 tensor "theta" (d,)
     config.json          {"family": family.config(), "meta": {...}}   (meta: anything JSON-ready)
+
+A causal LM is an ordinary transformers folder that any tool loads (`AutoModelForCausalLM` and
+`AutoTokenizer.from_pretrained(folder)`), plus this project's record of how it was made:
+
+    config.json, model.safetensors          the model (save_pretrained)
+    tokenizer.json, tokenizer_config.json…  its tokenizer, saved beside it by the step
+    tda_model.json                          {"family": family.config(), "meta": {...}, "weights": "."}
+
+A checkpoint used as it is holds only `tda_model.json`, whose "weights" and "tokenizer" name the
+user's folders (never copied) and whose "fingerprint" must still match them when it is loaded. The flat
+θ of an LM is an internal representation for the exact methods, made from the weights when loaded.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ __all__ = [
     "family_from_config",
     "load_model",
     "save_model",
+    "save_reference",
 ]
 
 FAMILIES: dict[str, type[ModelFamily]] = {
@@ -43,7 +55,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {
     "logistic_regression": LogisticRegression,
     "mlp": MLP,
 }
-PARAMS_FILE, CONFIG_FILE = "params.safetensors", "config.json"
+PARAMS_FILE, CONFIG_FILE, LM_FILE = "params.safetensors", "config.json", "tda_model.json"
 
 
 def family_from_config(config: dict[str, Any]) -> ModelFamily:
@@ -62,12 +74,39 @@ def family_from_config(config: dict[str, Any]) -> ModelFamily:
 
 
 def save_model(folder: Path, family: ModelFamily, theta: Tensor, meta: dict[str, Any]) -> None:
-    """Write `folder/params.safetensors` (key "theta", float64) and `folder/config.json`."""
+    """Write a model folder: a causal LM as a transformers folder (weights in the family's dtype) and
+    `tda_model.json`, another family as `params.safetensors` (key "theta", float64) and `config.json`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(family, CausalLM):
+        family.save_pretrained(theta, folder)
+        _write_json(
+            folder / LM_FILE,
+            {"family": {**family.config(), "pretrained": None}, "meta": meta, "weights": "."},
+        )
+        return
     save_file({"theta": theta.detach().to(torch.float64).cpu().contiguous()}, str(folder / PARAMS_FILE))
-    document = {"family": family.config(), "meta": meta}
-    (folder / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    _write_json(folder / CONFIG_FILE, {"family": family.config(), "meta": meta})
+
+
+def save_reference(
+    folder: Path, family: CausalLM, meta: dict[str, Any], weights: Path, tokenizer: Path, print_: str
+) -> None:
+    """Record a causal LM used in place: `folder/tda_model.json` names its weights and tokenizer
+    folders and their fingerprint; nothing is copied."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {
+        "family": {**family.config(), "pretrained": None},
+        "meta": {**meta, "tokenizer": str(tokenizer)},
+        "weights": str(weights),
+        "fingerprint": print_,
+    }
+    _write_json(folder / LM_FILE, document)
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
 def load_model(folder: Path) -> tuple[ModelFamily, Tensor, dict[str, Any]]:
@@ -81,6 +120,8 @@ def load_model(folder: Path) -> tuple[ModelFamily, Tensor, dict[str, Any]]:
     config_path, params_path = folder / CONFIG_FILE, folder / PARAMS_FILE
     if not folder.is_dir():
         raise ModelError(f"{folder}: no such model folder; check the path or train the model first")
+    if (folder / LM_FILE).is_file():
+        return _load_lm(folder)
     for path in (config_path, params_path):
         if not path.is_file():
             raise ModelError(f"{path}: missing; the folder is not a saved model (see tda.models.save_model)")
@@ -97,6 +138,29 @@ def load_model(folder: Path) -> tuple[ModelFamily, Tensor, dict[str, Any]]:
             f"config has {expected} parameters; save the model again"
         )
     return family, theta, document.get("meta", {})
+
+
+def _load_lm(folder: Path) -> tuple[ModelFamily, Tensor, dict[str, Any]]:
+    """A causal LM folder (or a record of one used in place): (family, θ (d,) float64, meta); meta's
+    "tokenizer" becomes an absolute folder."""
+    from tda.models.checkpoint import fingerprint
+
+    document = _read_config(folder / LM_FILE)
+    weights = folder / document.get("weights", ".")  # an absolute path stays as it is
+    recorded = document.get("fingerprint")
+    if recorded is not None and fingerprint(weights) != recorded:
+        raise ModelError(
+            f"{weights}: the checkpoint changed after it was recorded in {folder / LM_FILE}; "
+            "run the spec again so that every step uses the same weights"
+        )
+    try:
+        family = family_from_config({**document["family"], "pretrained": str(weights)})
+    except ModelError as exc:
+        raise ModelError(f"{folder / LM_FILE}: {exc}") from exc
+    meta = dict(document.get("meta", {}))
+    if "tokenizer" in meta:
+        meta["tokenizer"] = str(folder / meta["tokenizer"])
+    return family, family.init_params(0).to(torch.float64), meta
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -47,8 +47,12 @@ class ModelFamily:
         """A starting θ (d,)."""
         raise NotImplementedError
 
-    def fit(self, X: Tensor, y: Tensor, l2_sum: float, init: Tensor | None = None) -> FitResult:
-        """Minimise Σ_i ℓ(z_i, θ) + (l2_sum/2)‖θ‖² over the given examples."""
+    def fit(
+        self, X: Tensor, y: Tensor, l2_sum: float, init: Tensor | None = None, seed: int | None = None
+    ) -> FitResult:
+        """Minimise Σ_i ℓ(z_i, θ) + (l2_sum/2)‖θ‖² over the given examples, from `init` (else the
+        family's initialisation); `seed` sets the data order of stochastic recipes (full-batch
+        optimisers ignore it)."""
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:

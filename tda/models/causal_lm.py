@@ -101,6 +101,7 @@ def load_pretrained(folder: str | Path) -> PreTrainedModel:
     """
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     path = Path(folder)
     if not path.is_dir():
         raise ModelError(f"{path}: not a causal LM (no such folder); give a transformers causal-LM folder")
@@ -123,6 +124,13 @@ def load_pretrained(folder: str | Path) -> PreTrainedModel:
     model.config.pad_token_id = None  # see CausalLM: a pad id makes transformers inspect the ids
     model.config.use_cache = False
     return model.eval()
+
+
+def quiet_transformers() -> None:
+    """No progress bars for loading or writing weights: a step reports its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def flatten_parameters(model: torch.nn.Module) -> Tensor:
@@ -166,12 +174,14 @@ class CausalLM(ModelFamily):
         self.pretrained = None if pretrained is None else str(pretrained)
         self._check_arguments()
         self.model = load_pretrained(self.pretrained) if self.pretrained else self._build(seed)
+        if self.pretrained:  # the folder's own architecture (gpt2, llama, gpt_neox, qwen2, …)
+            self.architecture = str(self.model.config.model_type)
         self._check_vocabulary()
         self.specs = [(name, p.shape) for name, p in self.model.named_parameters()]
         self.n_params = sum(shape.numel() for _, shape in self.specs)
 
     def _check_arguments(self) -> None:
-        if self.architecture not in ARCHITECTURES:
+        if self.pretrained is None and self.architecture not in ARCHITECTURES:
             raise ModelError(
                 f"{self.name}: architecture {self.architecture!r} is unknown; use one of {ARCHITECTURES}"
             )
@@ -186,12 +196,18 @@ class CausalLM(ModelFamily):
             raise ModelError(f"{self.name}: lr={self.lr}; give a positive learning rate")
 
     def _check_vocabulary(self) -> None:
+        """The tokenizer (`vocab_size` entries, its pad and eos ids) must be the model's: see
+        `tda.models.checkpoint.check_vocabulary` for the padding of embedding rows it allows."""
+        from tda.models.checkpoint import check_vocabulary
+
         rows = self.model.get_input_embeddings().num_embeddings
-        if not (self.vocab_size <= rows and 0 <= self.pad_id < rows and 0 <= self.eos_id < rows):
+        if not (0 <= self.pad_id < rows and 0 <= self.eos_id < rows):
             raise ModelError(
-                f"{self.name}: vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id} "
-                f"do not fit the model's {rows} embeddings; give the tokenizer's size and ids"
+                f"{self.name}: pad_id={self.pad_id}, eos_id={self.eos_id} do not fit the model's {rows} "
+                "embeddings; give the tokenizer's ids"
             )
+        where = self.pretrained or self.name
+        check_vocabulary(self.vocab_size, self.vocab_size - 1, rows, where, "tokenizer")
 
     def _build(self, seed: int) -> PreTrainedModel:
         """A freshly initialised model from the config; the global RNG is left as it was."""
@@ -284,10 +300,12 @@ class CausalLM(ModelFamily):
         return per_row(theta.detach(), X, y)  # (n, d)
 
     # --- training ----------------------------------------------------------------------
-    def fit(self, X: Tensor, y: Tensor, l2_sum: float, init: Tensor | None = None) -> FitResult:
+    def fit(
+        self, X: Tensor, y: Tensor, l2_sum: float, init: Tensor | None = None, seed: int | None = None
+    ) -> FitResult:
         """Fine-tune from `init` (else `init_params(seed)`): AdamW(lr, weight_decay = l2_sum / n),
         `epochs` passes over the rows in minibatches of `batch_size`, shuffled by a generator seeded
-        with `seed`; the loss of a minibatch is the mean of its examples' ℓ.
+        with `seed` (default: the family's); the loss of a minibatch is the mean of its examples' ℓ.
 
         Returns:
             θ (d,) float32, the number of optimizer steps, the norm of the last minibatch's gradient,
@@ -299,7 +317,7 @@ class CausalLM(ModelFamily):
         n = len(X)
         weight_decay = l2_sum / n if l2_sum > 0 and n else 0.0
         optimizer = torch.optim.AdamW([theta], lr=self.lr, weight_decay=weight_decay)
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         steps, grad_norm = 0, 0.0
         for _ in range(self.epochs if n else 0):
             for rows in torch.randperm(n, generator=generator).split(self.batch_size):
@@ -348,4 +366,5 @@ class CausalLM(ModelFamily):
             for name, parameter in model.named_parameters():
                 parameter.copy_(params[name])
         model.config.pad_token_id, model.config.eos_token_id = self.pad_id, self.eos_id
+        quiet_transformers()
         model.save_pretrained(str(folder))

@@ -25,7 +25,9 @@ class LeastSquares(ModelFamily):
     def init_params(self, seed: int) -> Tensor:
         return torch.zeros(self.n_features, dtype=torch.float64)
 
-    def fit(self, X: Tensor, y: Tensor, l2_sum: float, init: Tensor | None = None) -> FitResult:
+    def fit(
+        self, X: Tensor, y: Tensor, l2_sum: float, init: Tensor | None = None, seed: int | None = None
+    ) -> FitResult:
         """Closed form: (XᵀX + λ I) θ = Xᵀy."""
         A = X.T @ X + l2_sum * torch.eye(X.shape[1], dtype=X.dtype)  # (d, d)
         theta = torch.linalg.solve(A, X.T @ y.to(X.dtype))

@@ -144,7 +144,9 @@ class LogisticRegression(ModelFamily):
         return V.new_zeros(len(groups), self.n_params).index_add_(0, group_of_row, contributions)
 
     # --- training ----------------------------------------------------------------------
-    def fit(self, X: Tensor, y: Tensor, l2_sum: float, init: Tensor | None = None) -> FitResult:
+    def fit(
+        self, X: Tensor, y: Tensor, l2_sum: float, init: Tensor | None = None, seed: int | None = None
+    ) -> FitResult:
         """Minimise Σ_i ℓ_i + (l2_sum/2)‖θ‖² from `init` (else zeros) to ‖∇L‖_∞ ≤ tol·max(1, n).
 
         L-BFGS-B first; if it stops short (its line search cannot resolve the last decrease of L),

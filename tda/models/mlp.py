@@ -102,7 +102,9 @@ class MLP(ModelFamily):
         H = torch.cat(blocks, dim=1)  # (d, d)
         return 0.5 * (H + H.T)
 
-    def fit(self, X: Tensor, y: Tensor, l2_sum: float, init: Tensor | None = None) -> FitResult:
+    def fit(
+        self, X: Tensor, y: Tensor, l2_sum: float, init: Tensor | None = None, seed: int | None = None
+    ) -> FitResult:
         """Full-batch L-BFGS-B on Σ_i ℓ_i + (l2_sum/2)‖θ‖² to ‖∇L‖_∞ ≤ tol·max(1, n), from `init` or
         `init_params(seed)`; Newton-polished near a minimum when it stops short and d ≤ NEWTON_MAX_PARAMS."""
         X, y = X.to(torch.float64), y.long()

@@ -1,6 +1,7 @@
 """Byte-level BPE tokenizers for the causal-LM family, and the encoding of (prompt, response) examples.
 
-An example is the text f"{prompt}\\n" + response + EOS. It becomes two int64 rows of one length L:
+An example is the text f"{prompt}\\n" + response + EOS (after a BOS token when the tokenizer starts
+every sequence with one, as Llama's does). It becomes two int64 rows of one length L:
 
     x = input_ids   the token ids, right-padded with the pad id
     y = labels      the token id on response tokens (EOS included), -100 on prompt and pad tokens
@@ -110,7 +111,10 @@ def encode_examples(
             f"encode_examples: max_len={max_len}; need at least 2 (a prompt and a response token)"
         )
     pad_id, eos_id = _special_ids(tokenizer)
-    prompt_ids = tokenizer([f"{p}\n" for p in prompts], add_special_tokens=False)["input_ids"]
+    bos = _bos(tokenizer)
+    prompt_ids = [
+        bos + ids for ids in tokenizer([f"{p}\n" for p in prompts], add_special_tokens=False)["input_ids"]
+    ]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     rows = [
         _truncate(prompt, [*response, eos_id], max_len)
@@ -130,6 +134,13 @@ def _truncate(prompt: list[int], response: list[int], max_len: int) -> tuple[lis
     """(prompt, response) token lists cut to at most max_len tokens together, ≥ 1 response token."""
     prompt = prompt[-(max_len - 1) :] if len(prompt) >= max_len else prompt
     return prompt, response[: max_len - len(prompt)]
+
+
+def _bos(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """[bos id] when the tokenizer starts every sequence with one (Llama's), else [] (GPT-2's, ours)."""
+    bos_id = tokenizer.bos_token_id
+    special = tokenizer("", add_special_tokens=True)["input_ids"]
+    return [bos_id] if bos_id is not None and special[:1] == [bos_id] else []
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int]:

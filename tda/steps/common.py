@@ -90,7 +90,7 @@ def trained_split(ctx: StepContext, model: str, data: str) -> tuple[Split, Any, 
     family, theta, meta = load_model(folder)
     encode = text_encoder(folder / meta["tokenizer"], meta["max_len"]) if meta.get("tokenizer") else None
     split = load_split(ctx, data, encode)
-    if meta.get("n_train") != split.n:
+    if "n_train" in meta and meta["n_train"] != split.n:  # a checkpoint used as it is has no n_train
         raise ModelError(
             f"step {model!r} was trained on {meta.get('n_train')} rows "
             f"but the data has {split.n} train rows; "
@@ -101,17 +101,23 @@ def trained_split(ctx: StepContext, model: str, data: str) -> tuple[Split, Any, 
 
 @dataclass(frozen=True)
 class Retraining:
-    """What a retraining task needs: the family, θ* (the warm start), the encoded split, the objective's
-    λ_sum and the training-row index of each group or subset. Put in the object store once per step."""
+    """What a retraining task needs: the family, the θ each fit starts from (θ*, a base's, or None for
+    the family's initialisation), the encoded split, the objective's λ_sum, the training-row index of
+    each group or subset and, per subset, the seed of its data order (None: the family's seed). Put in
+    the object store once per step."""
 
     family: Any
-    theta: torch.Tensor
+    theta: torch.Tensor | None
     data: Split
     l2_sum: float
     index: list[torch.Tensor]
+    seeds: list[int] | None = None
 
     def rows(self, batch: list[int]) -> list[torch.Tensor]:
         return [self.index[i] for i in batch]
+
+    def batch_seeds(self, batch: list[int]) -> list[int] | None:
+        return None if self.seeds is None else [self.seeds[i] for i in batch]
 
 
 def batches(count: int, size: int) -> list[list[int]]:

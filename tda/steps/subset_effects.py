@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipelines import StepContext, StepKind, StepParams, StepRef
 from tda.steps.common import Retraining, batches, index_members, set_threads, trained_split
@@ -18,17 +18,36 @@ from tda.steps.common import Retraining, batches, index_members, set_threads, tr
 class SubsetEffectsParams(StepParams):
     """Train the model's family (same recipe and objective) on each subset; record each target's loss.
 
-    Finished batches are kept in the step's scratch folder, so a re-run after a crash retrains only
-    the subsets that had not finished.
+    Two protocols. *local*: every fine-tune warm-starts from the scored model θ* with one data order,
+    the regime where first-order gradient methods are nearly exact by construction. *paper* (AirRep's):
+    every fine-tune starts afresh from `base`, a model that never saw the pool, with its own data order
+    (seeded by the spec's seed and the subset id); the scored `model` is then the base fine-tuned on the
+    whole pool. Finished batches are kept in the step's scratch folder, so a re-run after a crash
+    retrains only the subsets that had not finished.
     """
 
     non_semantic = StepParams.non_semantic | {"subsets_per_task", "task_cpus"}
 
     kind: Literal["subset_effects"] = "subset_effects"
-    model: StepRef = Field(description="A train_model step: its family, recipe and θ* (the warm start).")
+    model: StepRef = Field(
+        description="The scored model step: its family and recipe, θ* (local: the warm start), base losses."
+    )
     data: StepRef = Field(description="The split table the model was trained on.")
     subsets: StepRef = Field(description="A sample_subsets step.")
-    warm_start: bool = Field(True, description="Start each retraining from θ* (else from the family's init).")
+    protocol: Literal["local", "paper"] = Field(
+        "local",
+        description="local: warm start from `model`, one data order; paper: start from `base`, a data "
+        "order per subset.",
+    )
+    base: StepRef | None = Field(
+        None,
+        description="paper: the model every fine-tune starts from (a `checkpoint`, or a train_model on a "
+        "corpus disjoint from the pool); same architecture and tokenizer as `model`.",
+    )
+    warm_start: bool = Field(
+        True, description="local: start each retraining from θ* (else from the family's init)."
+    )
+    seed: int | None = Field(None, description="paper: seeds the subsets' data orders (null = the spec's).")
     recipe: dict[str, float | int] = Field(
         default_factory=dict,
         description="Overrides of the model's training recipe for these runs (e.g. {epochs: 2}).",
@@ -36,10 +55,18 @@ class SubsetEffectsParams(StepParams):
     subsets_per_task: int = Field(8, gt=0, description="Subsets trained by one Ray task.")
     task_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each training task.")
 
+    @model_validator(mode="after")
+    def _protocol(self) -> SubsetEffectsParams:
+        if self.protocol == "paper" and self.base is None:
+            raise ValueError("protocol paper needs `base:` (the model every subset's fine-tune starts from)")
+        if self.protocol == "local" and self.base is not None:
+            raise ValueError("`base:` is for protocol paper; set protocol: paper or drop base")
+        if self.protocol == "paper" and "warm_start" in self.model_fields_set:
+            raise ValueError("warm_start is for protocol local; the paper protocol starts from `base`")
+        return self
 
-def _train_batch(
-    batch: list[int], *, job: Retraining, warm_start: bool, num_cpus: float
-) -> tuple[list[int], np.ndarray]:
+
+def _train_batch(batch: list[int], *, job: Retraining, num_cpus: float) -> tuple[list[int], np.ndarray]:
     from tda.effects.retrain import subset_losses
 
     set_threads(num_cpus)
@@ -53,7 +80,8 @@ def _train_batch(
         d.y_target,
         job.l2_sum,
         job.rows(batch),
-        warm_start,
+        warm_start=job.theta is not None,
+        seeds=job.batch_seeds(batch),
     )
     return batch, losses.numpy()
 
@@ -67,8 +95,12 @@ def subset_effects(params: SubsetEffectsParams, ctx: StepContext) -> pl.DataFram
     subset_ids = np.array(ids, dtype=np.int32)
     done = _finished_subsets(ctx.scratch_dir)
     remaining = [j for j, sid in enumerate(subset_ids) if int(sid) not in done]
-    job = Retraining(family, theta, data, meta["l2_sum"], index)
-    work = functools.partial(_train_batch, job=job, warm_start=params.warm_start, num_cpus=params.task_cpus)
+    if params.protocol == "paper":
+        start, seeds = _base_theta(ctx, params, theta, meta), subset_seeds(params.seed or 0, subset_ids)
+    else:
+        start, seeds = (theta if params.warm_start else None), None
+    job = Retraining(family, start, data, meta.get("l2_sum", 0.0), index, seeds)
+    work = functools.partial(_train_batch, job=job, num_cpus=params.task_cpus)
     todo = [[remaining[i] for i in chunk] for chunk in batches(len(remaining), params.subsets_per_task)]
     t0 = time.perf_counter()
     for batch, losses in ctx.imap_unordered(work, todo, num_cpus=params.task_cpus):
@@ -88,6 +120,36 @@ def subset_effects(params: SubsetEffectsParams, ctx: StepContext) -> pl.DataFram
         }
     )
     return effects
+
+
+def subset_seeds(seed: int, subset_ids: np.ndarray) -> list[int]:
+    """The data-order seed of each subset's fine-tune: independent streams of (seed, subset id)."""
+    return [int(np.random.SeedSequence([seed, int(s)]).generate_state(1)[0]) for s in subset_ids]
+
+
+def _base_theta(ctx: StepContext, params: SubsetEffectsParams, theta: Any, meta: dict[str, Any]) -> Any:
+    """θ of `base`; ModelError unless it has the scored model's parameters and tokenizer."""
+    from tda.errors import ModelError
+    from tda.models import load_model
+
+    base_family, base_theta, base_meta = load_model(ctx.input(params.base).model_dir)
+    if base_theta.shape != theta.shape:
+        raise ModelError(
+            f"base {params.base!r} has {base_theta.numel():,} parameters but model {params.model!r} has "
+            f"{theta.numel():,}; give the base the model was fine-tuned from"
+        )
+    if meta.get("tokenizer") and not _same_tokenizer(meta["tokenizer"], base_meta.get("tokenizer")):
+        raise ModelError(
+            f"base {params.base!r} and model {params.model!r} have different tokenizers; give the base "
+            "the model was fine-tuned from"
+        )
+    return base_theta
+
+
+def _same_tokenizer(a: str, b: str | None) -> bool:
+    from tda.models.tokenizer import load_tokenizer
+
+    return b is not None and load_tokenizer(Path(a)).get_vocab() == load_tokenizer(Path(b)).get_vocab()
 
 
 def _with_recipe(family: Any, recipe: dict[str, float | int]) -> Any:

@@ -7,13 +7,13 @@ response tokens of prompt/response pairs encoded with a `train_tokenizer` step's
 
 from __future__ import annotations
 
-import shutil
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipelines import InputPath, StepContext, StepKind, StepParams, StepRef
+from pipelines import StepContext, StepKind, StepParams, StepRef
 from tda.steps.common import l2_field, load_split, set_threads, text_encoder
 
 Family = Literal["logistic_regression", "mlp", "causal_lm"]
@@ -30,7 +30,14 @@ class TrainModelParams(StepParams):
     activation: Literal["tanh", "gelu"] = Field("tanh", description="mlp: activation (smooth).")
     tol: float = Field(1e-10, gt=0, description="Tabular: stop when ‖∇L‖∞ ≤ tol · max(1, n).")
     max_iter: int = Field(10_000, gt=0, description="Tabular: most L-BFGS iterations.")
-    tokenizer: StepRef | None = Field(None, description="causal_lm: a train_tokenizer step.")
+    tokenizer: StepRef | None = Field(
+        None, description="causal_lm: a train_tokenizer step (a new model; not with `init`)."
+    )
+    init: StepRef | None = Field(
+        None,
+        description="causal_lm: fine-tune this model step (a `checkpoint` or another train_model) with "
+        "its own architecture and tokenizer; the size fields are then ignored.",
+    )
     architecture: Literal["gpt2", "llama"] = Field("gpt2", description="causal_lm: the transformer built.")
     n_layer: int = Field(2, gt=0, description="causal_lm: transformer blocks.")
     n_embd: int = Field(64, gt=0, description="causal_lm: width.")
@@ -39,16 +46,17 @@ class TrainModelParams(StepParams):
     epochs: int = Field(3, gt=0, description="causal_lm: passes over the training rows.")
     lr: float = Field(3e-4, gt=0, description="causal_lm: AdamW learning rate.")
     batch_size: int = Field(16, gt=0, description="causal_lm: examples per optimiser step.")
-    pretrained: InputPath | None = Field(
-        None,
-        description="causal_lm: start from a local transformers causal-LM folder instead of a new model.",
-    )
     seed: int | None = Field(None, description="Initialisation and data-order seed (null = the spec's seed).")
 
     @model_validator(mode="after")
     def _lm_needs_tokenizer(self) -> TrainModelParams:
-        if self.family == "causal_lm" and self.tokenizer is None:
-            raise ValueError("family causal_lm needs `tokenizer:` (a train_tokenizer step)")
+        if self.family == "causal_lm" and (self.tokenizer is None) == (self.init is None):
+            raise ValueError(
+                "family causal_lm needs exactly one of `tokenizer:` (a train_tokenizer step: a new model) "
+                "and `init:` (a model step to fine-tune, which brings its tokenizer)"
+            )
+        if self.family != "causal_lm" and self.init is not None:
+            raise ValueError("`init:` (fine-tune a model step) is for family causal_lm")
         return self
 
 
@@ -68,24 +76,42 @@ def build_family(params: TrainModelParams, n_features: int, n_classes: int) -> A
     return LogisticRegression(n_features, n_classes, tol=params.tol, max_iter=params.max_iter)
 
 
-def build_lm(params: TrainModelParams, tokenizer: Any) -> Any:
+def lm_family(
+    tokenizer: Any, max_len: int, params: TrainModelParams | None = None, pretrained: str | None = None
+) -> Any:
+    """A causal LM for `tokenizer`: built from `params`' sizes, or the folder `pretrained` (then only
+    the recipe of `params`, if given, is used)."""
     from tda.models.causal_lm import CausalLM
 
+    sizes: dict[str, Any] = {}
+    if params is not None:
+        sizes = {"epochs": params.epochs, "lr": params.lr, "batch_size": params.batch_size}
+        sizes |= {"seed": params.seed or 0}
+        if pretrained is None:
+            sizes |= {"architecture": params.architecture, "n_layer": params.n_layer}
+            sizes |= {"n_embd": params.n_embd, "n_head": params.n_head}
     return CausalLM(
-        architecture=params.architecture,
         vocab_size=len(tokenizer),
-        n_layer=params.n_layer,
-        n_embd=params.n_embd,
-        n_head=params.n_head,
-        n_positions=params.max_len,
+        n_positions=max_len,
         pad_id=tokenizer.pad_token_id,
         eos_id=tokenizer.eos_token_id,
-        epochs=params.epochs,
-        lr=params.lr,
-        batch_size=params.batch_size,
-        seed=params.seed or 0,
-        pretrained=str(params.pretrained) if params.pretrained else None,
+        pretrained=pretrained,
+        **sizes,
     )
+
+
+def _lm_start(params: TrainModelParams, ctx: StepContext) -> tuple[Any, Any, Path]:
+    """(family, θ to start from or None, tokenizer folder) of a causal LM: new, or `init`'s."""
+    from tda.models import load_model
+    from tda.models.tokenizer import load_tokenizer
+
+    if params.init is None:
+        folder = ctx.input(params.tokenizer).model_dir
+        return lm_family(load_tokenizer(folder), params.max_len, params), None, folder
+    base, theta, meta = load_model(ctx.input(params.init).model_dir)
+    folder = Path(meta["tokenizer"])
+    family = lm_family(load_tokenizer(folder), params.max_len, params, pretrained=base.pretrained)
+    return family, theta, folder
 
 
 def train_model(params: TrainModelParams, ctx: StepContext) -> None:
@@ -93,20 +119,20 @@ def train_model(params: TrainModelParams, ctx: StepContext) -> None:
 
     set_threads(params.resources.num_cpus)
     meta: dict[str, Any] = {"l2": params.l2}
+    init = None
     if params.family == "causal_lm":
         from tda.models.tokenizer import load_tokenizer
 
-        source = ctx.input(params.tokenizer).model_dir
-        shutil.copytree(source, ctx.model_dir / "tokenizer")
-        data = load_split(ctx, params.data, text_encoder(source, params.max_len))
-        family = build_lm(params, load_tokenizer(source))
-        meta.update(tokenizer="tokenizer", max_len=params.max_len)
+        family, init, tokenizer = _lm_start(params, ctx)
+        data = load_split(ctx, params.data, text_encoder(tokenizer, params.max_len))
+        load_tokenizer(tokenizer).save_pretrained(str(ctx.model_dir))  # beside the weights
+        meta.update(tokenizer=".", max_len=params.max_len)
     else:
         data = load_split(ctx, params.data)
         n_classes = int(max(data.y_train.max(), data.y_target.max())) + 1
         family = build_family(params, data.X_train.shape[1], n_classes)
     t0 = time.perf_counter()
-    fit = family.fit(data.X_train, data.y_train, l2_sum=data.n * params.l2)
+    fit = family.fit(data.X_train, data.y_train, l2_sum=data.n * params.l2, init=init)
     seconds = time.perf_counter() - t0
     meta.update(n_train=data.n, l2_sum=data.n * params.l2, converged=fit.converged)
     save_model(ctx.model_dir, family, fit.theta, meta)
@@ -135,4 +161,4 @@ def _losses(family: Any, theta: Any, data: Any) -> dict[str, float]:
     return out
 
 
-STEP = StepKind("train_model", TrainModelParams, train_model, version="1")
+STEP = StepKind("train_model", TrainModelParams, train_model, version="2")  # 2: LMs as transformers folders

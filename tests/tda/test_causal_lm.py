@@ -216,9 +216,9 @@ class TestSavingAndArchitectures:
         theta = family.fit(X[:8], y[:8], l2_sum=0.0).theta
         save_model(tmp_path, family, theta, {"note": "test"})
         loaded, theta_back, meta = load_model(tmp_path)
-        assert (
-            isinstance(loaded, CausalLM) and loaded.config() == family.config() and meta == {"note": "test"}
-        )
+        assert isinstance(loaded, CausalLM) and meta == {"note": "test"}
+        assert loaded.config() == {**family.config(), "pretrained": str(tmp_path)}  # loaded in place
+        assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
         assert torch.equal(loaded.losses(theta_back, X, y), family.losses(theta, X, y))
 
     def test_save_pretrained_loads_as_pretrained(self, family: CausalLM, data, tmp_path: Path) -> None:

@@ -83,8 +83,78 @@ def test_lm_study_tables(lm_run):
     assert lm_run.table("graddot").collect().height == 20 * 240
     lds = lm_run.table("lds").collect()
     assert lds.height == 20 and lds["method"].unique().to_list() == ["graddot"]
-    model_dir = lm_run.output("base").model_dir
-    assert (model_dir / "tokenizer").is_dir() and (model_dir / "config.json").is_file()
+    model_dir = lm_run.output("base").model_dir  # a transformers folder with its tokenizer
+    files = {p.name for p in model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tda_model.json"} <= files
+
+
+PAPER = (
+    LM.replace(
+        """  tokenizer:
+    kind: train_tokenizer
+    corpus: data
+""",
+        """  pre_corpus:
+    kind: synthetic_instructions
+    n_examples: 200
+    seed: 7
+    exclude: corpus
+  pre_data:
+    kind: split
+    data: pre_corpus
+    n_targets: 10
+  tokenizer:
+    kind: train_tokenizer
+    corpus: pre_data
+""",
+    )
+    .replace(
+        """  base:
+    kind: train_model
+    data: data
+""",
+        """  pretrained:
+    kind: train_model
+    data: pre_data
+""",
+    )
+    .replace(
+        """  subsets:
+""",
+        """  base:
+    kind: train_model
+    data: data
+    family: causal_lm
+    init: pretrained
+    max_len: 48
+    epochs: 1
+    l2: 0
+  subsets:
+""",
+    )
+    .replace(
+        "    recipe: {epochs: 1}\n", "    recipe: {epochs: 1}\n    protocol: paper\n    base: pretrained\n"
+    )
+)
+
+
+def test_the_paper_protocol_fine_tunes_each_subset_from_the_base_with_its_own_order(
+    ray_session, tmp_path, tracking_uri
+):
+    from tda.steps.subset_effects import subset_seeds
+
+    (tmp_path / "spec.yaml").write_text(PAPER)
+    spec = load_spec(tmp_path / "spec.yaml")
+    run = pipelines.run(spec, store=str(tmp_path / "store"), tracking_uri=tracking_uri, progress=False)
+    pool = run.table("corpus").select("prompt", "response").collect()
+    pre = run.table("pre_corpus").collect()
+    assert pre.height == 200 and pre.join(pool, on=["prompt", "response"], how="semi").is_empty()
+    assert run.output("effects").manifest["params"]["protocol"] == "paper"
+    effects = run.table("effects").collect()
+    assert effects.height == 12 * 20 and effects["loss"].is_finite().all()
+    assert run.table("lds").collect().height == 20
+    seeds = subset_seeds(1, range(12))
+    assert len(set(seeds)) == 12 and seeds == subset_seeds(1, range(12))
 
 
 def test_load_corpus_alpaca_jsonl_and_parquet_shards(ray_session, tmp_path, tracking_uri):
@@ -164,10 +234,3 @@ steps:
         "data",
     )
     assert error.startswith("DataError: split: target example_id 999") and "not in the data" in error
-
-
-def test_a_folder_that_is_not_a_causal_lm(failed_error, tmp_path):
-    (tmp_path / "not_lm").mkdir()
-    (tmp_path / "not_lm" / "config.json").write_text('{"model_type": "bert"}')
-    error = failed_error(LM.replace("    l2: 0\n", "    l2: 0\n    pretrained: not_lm\n"), "base")
-    assert error.startswith("ModelError: ") and "not_lm" in error and "causal" in error
