@@ -20,11 +20,13 @@ SUMMARY_SCHEMA = {
     "type_at_1": pl.Float64,
     "seconds": pl.Float64,
     "examples_per_second": pl.Float64,
+    "protocol": pl.String,  # of the experiments the LDS was measured on: local | paper (null: cost only)
 }
 
 
 class AttributionSummaryParams(StepParams):
-    """Mean LDS (and Type@1, and cost) per method, aggregation and target role."""
+    """Mean LDS (and Type@1, and cost) per method, aggregation and target role, with the protocol of
+    the experiments (local or paper) the LDS was measured on."""
 
     kind: Literal["attribution_summary"] = "attribution_summary"
     lds: list[StepRef] = Field(default_factory=list, description="evaluate_lds steps (none: cost only).")
@@ -45,7 +47,12 @@ def attribution_summary(params: AttributionSummaryParams, ctx: StepContext) -> p
     from tda.evaluation.topk import type_at_1
 
     lds = pl.concat(
-        [ctx.table(step).collect() for step in params.lds]
+        [
+            ctx.table(step)
+            .collect()
+            .with_columns(pl.lit(_protocol(ctx, step), dtype=pl.String).alias("protocol"))
+            for step in params.lds
+        ]
         or [
             pl.DataFrame(
                 schema={
@@ -53,13 +60,14 @@ def attribution_summary(params: AttributionSummaryParams, ctx: StepContext) -> p
                     "aggregation": pl.String,
                     "target_id": pl.Int64,
                     "spearman": pl.Float64,
+                    "protocol": pl.String,
                 }
             )
         ]
     )
     roles = _roles(ctx, params, lds)
     lds = lds.join(roles, on="target_id", how="left").with_columns(pl.col("targets").fill_null("other"))
-    out = lds.group_by("method", "aggregation", "targets").agg(
+    out = lds.group_by("method", "aggregation", "targets", "protocol").agg(
         pl.len().cast(pl.Int64).alias("n_targets"), pl.col("spearman").drop_nans().mean().alias("lds")
     )
     cost_rows, type_rows = [], []
@@ -91,6 +99,7 @@ def attribution_summary(params: AttributionSummaryParams, ctx: StepContext) -> p
             pl.lit("all").alias("targets"),
             pl.lit(None, dtype=pl.Int64).alias("n_targets"),
             pl.lit(None, dtype=pl.Float64).alias("lds"),
+            pl.lit(None, dtype=pl.String).alias("protocol"),
         )
     out = out.join(cost.unique("method"), on="method", how="left")
     if type_rows:
@@ -106,10 +115,19 @@ def attribution_summary(params: AttributionSummaryParams, ctx: StepContext) -> p
     return out
 
 
+def _protocol(ctx: StepContext, lds_step: str) -> str | None:
+    """The protocol of the subset_effects step an evaluate_lds step read (from their manifests)."""
+    manifest = ctx.input(lds_step).manifest
+    effects = manifest.get("params", {}).get("effects")
+    key = manifest.get("inputs", {}).get(effects)
+    params = (ctx.store.manifest(key) or {}).get("params", {}) if key else {}
+    return params.get("protocol", "local") if params.get("kind") == "subset_effects" else None
+
+
 def _roles(ctx: StepContext, params: AttributionSummaryParams, lds: pl.DataFrame) -> pl.DataFrame:
     if params.roles is None:
         return lds.select("target_id").unique().with_columns(pl.lit("all").alias("targets"))
     return ctx.table(params.roles).select("target_id", pl.col("role").alias("targets")).collect()
 
 
-STEP = StepKind("attribution_summary", AttributionSummaryParams, attribution_summary, version="1")
+STEP = StepKind("attribution_summary", AttributionSummaryParams, attribution_summary, version="2")
