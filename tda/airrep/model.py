@@ -180,9 +180,10 @@ class AirRep(nn.Module):
     def embed(self, texts: Sequence[str], batch_size: int = 64, project: bool = True) -> Tensor:
         """Embeddings of `texts` (float32, (N, d)), in batches; `project=False` gives the pooled features."""
         self.eval()
+        device = next(self.parameters()).device
         out = []
         for i in range(0, len(texts), batch_size):
-            batch = self.tokenize(texts[i : i + batch_size])
+            batch = {k: v.to(device) for k, v in self.tokenize(texts[i : i + batch_size]).items()}
             feats = self.pooled(**batch)
             out.append(self.projection(feats) if project else feats)
         return torch.cat(out) if out else torch.empty(0, self.dim)

@@ -179,6 +179,18 @@ class CausalLM(ModelFamily):
         self._check_vocabulary()
         self.specs = [(name, p.shape) for name, p in self.model.named_parameters()]
         self.n_params = sum(shape.numel() for _, shape in self.specs)
+        self.device, self.bf16 = torch.device("cpu"), False
+
+    def to(self, device: torch.device | str, bf16: bool = False) -> CausalLM:
+        """Compute on `device` (the model's buffers move there; θ and examples are moved per call, and
+        results come back to the CPU); `bf16` = bfloat16 autocast of the forward passes on CUDA, with
+        weights, gradients and the optimizer in float32. Returns self."""
+        self.device = torch.device(device)
+        if bf16 and self.device.type != "cuda":
+            raise ModelError(f"{self.name}: bf16 autocast needs a CUDA device, not {self.device}; use fp32")
+        self.bf16 = bf16
+        self.model.to(self.device)
+        return self
 
     def _check_arguments(self) -> None:
         if self.pretrained is None and self.architecture not in ARCHITECTURES:
@@ -228,18 +240,21 @@ class CausalLM(ModelFamily):
 
     # --- the model -------------------------------------------------------------------
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        """Views of θ (d,) as the model's named parameters (float32; other dtypes are cast first)."""
-        parts = theta.to(torch.float32).split([shape.numel() for _, shape in self.specs])
+        """Views of θ (d,) as the model's named parameters, float32 on the family's device."""
+        parts = theta.to(self.device, torch.float32).split([shape.numel() for _, shape in self.specs])
         return {name: part.view(shape) for (name, shape), part in zip(self.specs, parts, strict=True)}
 
     def logits(self, theta: Tensor, X: Tensor) -> Tensor:
-        """Next-token logits: X (b, L) int64 -> (b, L, V)."""
-        output = functional_call(self.model, self.unflatten(theta), (X,), {"use_cache": False})
-        return output.logits
+        """Next-token logits in float32 on the family's device: X (b, L) int64 -> (b, L, V)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            output = functional_call(
+                self.model, self.unflatten(theta), (X.to(self.device),), {"use_cache": False}
+            )
+        return output.logits.float()
 
     def row_losses(self, theta: Tensor, X: Tensor, y: Tensor) -> Tensor:
-        """ℓ of each row of X (b, L), y (b, L) in one differentiable forward: (b,)."""
-        return response_losses(self.logits(theta, X), y)
+        """ℓ of each row of X (b, L), y (b, L) in one differentiable forward: (b,) on the device."""
+        return response_losses(self.logits(theta, X), y.to(self.device))
 
     def example_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return self.row_losses(theta, x[None], y[None])[0]
@@ -248,7 +263,7 @@ class CausalLM(ModelFamily):
         """The model's own initialisation under `torch.manual_seed(seed)`, flattened (d,); for a
         `pretrained` model, its weights (the seed is then unused)."""
         if self.pretrained or seed == self.seed:
-            return flatten_parameters(self.model)  # functional calls never change self.model
+            return flatten_parameters(self.model).cpu()  # functional calls never change self.model
         return flatten_parameters(self._build(seed))
 
     def check_examples(self, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -285,7 +300,7 @@ class CausalLM(ModelFamily):
                 self.row_losses(theta, X[lo : lo + LOSS_CHUNK_ROWS], y[lo : lo + LOSS_CHUNK_ROWS])
                 for lo in range(0, len(X), LOSS_CHUNK_ROWS)
             ]
-        return torch.cat(parts) if parts else theta.new_zeros(0, dtype=torch.float32)
+        return torch.cat(parts).cpu() if parts else theta.new_zeros(0, dtype=torch.float32).cpu()
 
     def per_example_grads(
         self, theta: Tensor, X: Tensor, y: Tensor, chunk_size: int = GRAD_CHUNK_ROWS
@@ -297,7 +312,8 @@ class CausalLM(ModelFamily):
             return theta.new_zeros(0, self.n_params)
         X, y = trim_padding(X, y)
         per_row = vmap(grad(self.example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
-        return per_row(theta.detach(), X, y)  # (n, d)
+        on = self.device
+        return per_row(theta.detach().to(on, torch.float32), X.to(on), y.to(on)).cpu()  # (n, d)
 
     # --- training ----------------------------------------------------------------------
     def fit(
@@ -312,8 +328,8 @@ class CausalLM(ModelFamily):
             and converged=True (a fixed recipe has nothing to converge to).
         """
         X, y = self.check_examples(X, y)
-        start = self.init_params(self.seed) if init is None else init.detach().to(torch.float32)
-        theta = start.clone().requires_grad_(True)
+        start = self.init_params(self.seed) if init is None else init.detach()
+        theta = start.to(self.device, torch.float32).clone().requires_grad_(True)
         n = len(X)
         weight_decay = l2_sum / n if l2_sum > 0 and n else 0.0
         optimizer = torch.optim.AdamW([theta], lr=self.lr, weight_decay=weight_decay)
@@ -327,7 +343,7 @@ class CausalLM(ModelFamily):
                 grad_norm = float(theta.grad.norm())
                 optimizer.step()
                 steps += 1
-        return FitResult(theta.detach(), steps, grad_norm, True)
+        return FitResult(theta.detach().cpu(), steps, grad_norm, True)
 
     # --- configuration and export ------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
@@ -17,6 +17,58 @@ from tda.errors import DataError, ModelError
 
 if TYPE_CHECKING:
     import torch
+
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "bf16"]
+
+
+def device_field(what: str = "the step's task") -> Any:
+    return Field(
+        "auto",
+        description=f"Where the model computes: auto = cuda when {what} reserves a GPU and one is visible, "
+        "else cpu; cuda = a GPU or a one-line error; cpu.",
+    )
+
+
+def precision_field() -> Any:
+    return Field(
+        "fp32",
+        description="bf16 = bfloat16 autocast of the forward passes on cuda (weights, gradients and "
+        "optimizer stay float32); fp32 everywhere else.",
+    )
+
+
+def check_device(device: str, precision: str, gpus: float, where: str) -> None:
+    """Spec-time: `device: cuda` needs GPUs reserved (`where` names the field); bf16 needs cuda."""
+    if device == "cuda" and gpus <= 0:
+        raise ValueError(
+            f"device cuda needs {where} > 0 (a fraction such as 0.25 lets several tasks share one GPU)"
+        )
+    if precision == "bf16" and device == "cpu":
+        raise ValueError("precision bf16 is an autocast on cuda; use device cuda (or auto) or fp32")
+
+
+def resolve_device(device: str, gpus: float) -> torch.device:
+    """The torch device of a task that reserved `gpus` GPUs; ModelError if cuda is asked and absent."""
+    import torch
+
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise ModelError(
+            "device cuda: no CUDA device is visible to this task (torch.cuda.is_available() is False); "
+            "run it on a GPU node with GPUs reserved, or set device: auto or cpu"
+        )
+    use_cuda = device == "cuda" or (device == "auto" and gpus > 0 and available)
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def on_device(family: Any, device: str, precision: str, gpus: float) -> Any:
+    """`family` moved to the task's device (a causal LM; other families stay on the CPU)."""
+    if hasattr(family, "to") and hasattr(family, "bf16"):
+        where = resolve_device(device, gpus)
+        family.to(where, bf16=precision == "bf16" and where.type == "cuda")
+    return family
 
 
 def l2_field(default: float = 1e-2) -> Any:

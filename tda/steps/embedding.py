@@ -25,7 +25,7 @@ class EmbeddingStepParams(StepParams):
     the step's own task reserves no CPU by default and each of its `embed_workers` actors reserves one.
     Subclasses declare the fields `method` and `embed_workers`."""
 
-    non_semantic = StepParams.non_semantic | {"embed_workers", "embed_batch_size"}
+    non_semantic = StepParams.non_semantic | {"embed_workers", "embed_batch_size", "embed_gpus", "device"}
     embedding_methods: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
@@ -38,8 +38,11 @@ class EmbeddingStepParams(StepParams):
 
     def demands(self) -> dict[str, tuple[float, str]]:
         out = super().demands()
-        if self.method in self.embedding_methods:  # one CPU per embedding actor
+        if self.method in self.embedding_methods:  # one CPU (and embed_gpus) per embedding actor
             out["CPU"] = (out["CPU"][0] + self.embed_workers, "embed_workers")
+            gpus = getattr(self, "embed_gpus", 0.0)
+            if gpus:
+                out["GPU"] = (out["GPU"][0] + self.embed_workers * gpus, "embed_gpus")
         return out
 
 
@@ -63,20 +66,28 @@ class EncoderSource:
 class _Embedder:
     """A Ray Data actor: the encoder is loaded once; each batch becomes (example_id, split, embedding)."""
 
-    def __init__(self, source: EncoderSource, batch_size: int, threads: float) -> None:
-        from tda.steps.common import set_threads
+    def __init__(
+        self, source: EncoderSource, batch_size: int, threads: float, gpus: float, device: tuple[str, str]
+    ) -> None:
+        from tda.steps.common import resolve_device, set_threads
 
         set_threads(threads)
-        self.model = source.load()
+        self.device = resolve_device(device[0], gpus)
+        self.bf16 = device[1] == "bf16" and self.device.type == "cuda"
+        self.model = source.load().to(self.device)
         self.project = source.kind == "airrep"
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         from tda.airrep.model import example_text
 
         t0 = time.perf_counter()
         texts = [example_text(p, r) for p, r in zip(batch["prompt"], batch["response"], strict=True)]
-        emb = self.model.embed(texts, self.batch_size, project=self.project).numpy().astype(np.float32)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            emb = self.model.embed(texts, self.batch_size, project=self.project)
+        emb = emb.float().cpu().numpy().astype(np.float32)
         share = np.full(len(texts), (time.perf_counter() - t0) / max(1, len(texts)))  # sums to compute time
         return {
             "example_id": batch["example_id"],
@@ -108,6 +119,8 @@ def embed_split(
     batch_size: int = 128,
     workers: int = 1,
     cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+    device: tuple[str, str] = ("auto", "fp32"),
     save_to: Path | None = None,
 ) -> Embeddings:
     """Embed the train and target rows of split step `data` on Ray Data; optionally save them."""
@@ -125,11 +138,12 @@ def embed_split(
     ds = ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])
     ds = ds.map_batches(
         _Embedder,
-        fn_constructor_args=(source, batch_size, cpus_per_worker),
+        fn_constructor_args=(source, batch_size, cpus_per_worker, gpus_per_worker, device),
         batch_size=4 * batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus_per_worker,
+        **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
     )
     ids, splits, parts, compute = [], [], [], 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -9,7 +9,17 @@ import polars as pl
 from pydantic import Field, field_validator, model_validator
 
 from pipelines import InputPath, StepContext, StepKind, StepRef
-from tda.steps.common import damping_field, set_threads, trained_split
+from tda.steps.common import (
+    Device,
+    Precision,
+    check_device,
+    damping_field,
+    device_field,
+    on_device,
+    precision_field,
+    set_threads,
+    trained_split,
+)
 from tda.steps.embedding import EmbeddingStepParams
 from tda.steps.train_airrep import check_encoder
 
@@ -40,6 +50,13 @@ class InfluenceScoresParams(EmbeddingStepParams):
     max_tokens: int = Field(64, gt=0, description="repsim: tokens per example.")
     embed_workers: int = Field(1, gt=0, description="airrep/repsim: Ray Data actors that embed.")
     embed_batch_size: int = Field(128, gt=0, description="airrep/repsim: examples per encoder forward.")
+    embed_gpus: float = Field(
+        0.0,
+        ge=0,
+        description="airrep/repsim: GPUs reserved by each embedding actor (fractional: they share).",
+    )
+    device: Device = device_field("the step (gradient methods) or each embedding actor")
+    precision: Precision = precision_field()
     damping: float = damping_field()
     top_k: int | None = Field(
         None, gt=0, description="Keep the k highest scores per target (null = all pairs)."
@@ -72,6 +89,10 @@ class InfluenceScoresParams(EmbeddingStepParams):
             raise ValueError("method airrep needs exactly one of encoder, encoder_path and mlflow_run")
         elif self.method == "repsim" and set(given) - {"encoder_path"}:
             raise ValueError("method repsim takes only encoder_path (an encoder folder; null = MiniLM)")
+        if self.method in self.embedding_methods:
+            check_device(self.device, self.precision, self.embed_gpus, "embed_gpus")
+        else:
+            check_device(self.device, self.precision, self.resources.num_gpus, "resources.num_gpus")
         return self
 
     @field_validator("encoder_path")
@@ -123,6 +144,8 @@ def embedding_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.Data
         encoder_source(params, ctx),
         batch_size=params.embed_batch_size,
         workers=params.embed_workers,
+        gpus_per_worker=params.embed_gpus,
+        device=(params.device, params.precision),
         save_to=ctx.output_dir / "embeddings.parquet",
     )
     t0 = time.perf_counter()
@@ -158,6 +181,7 @@ def influence_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.Data
         return embedding_scores(params, ctx)
     set_threads(params.resources.num_cpus)
     data, family, theta, meta = trained_split(ctx, params.model, params.data)
+    on_device(family, params.device, params.precision, params.resources.num_gpus)
     t0 = time.perf_counter()
     frame, info = example_scores(
         params.method,

@@ -12,7 +12,19 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from pipelines import StepContext, StepKind, StepParams, StepRef
-from tda.steps.common import Retraining, batches, index_members, set_threads, trained_split
+from tda.steps.common import (
+    Device,
+    Precision,
+    Retraining,
+    batches,
+    check_device,
+    device_field,
+    index_members,
+    on_device,
+    precision_field,
+    set_threads,
+    trained_split,
+)
 
 
 class SubsetEffectsParams(StepParams):
@@ -26,7 +38,13 @@ class SubsetEffectsParams(StepParams):
     retrains only the subsets that had not finished.
     """
 
-    non_semantic = StepParams.non_semantic | {"subsets_per_task", "task_cpus"}
+    non_semantic = StepParams.non_semantic | {
+        "subsets_per_task",
+        "task_cpus",
+        "task_gpus",
+        "device",
+        "precision",
+    }
 
     kind: Literal["subset_effects"] = "subset_effects"
     model: StepRef = Field(
@@ -54,6 +72,11 @@ class SubsetEffectsParams(StepParams):
     )
     subsets_per_task: int = Field(8, gt=0, description="Subsets trained by one Ray task.")
     task_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each training task.")
+    task_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved by each training task (fractional: tasks share a GPU)."
+    )
+    device: Device = device_field("a training task")
+    precision: Precision = precision_field()
 
     @model_validator(mode="after")
     def _protocol(self) -> SubsetEffectsParams:
@@ -63,13 +86,23 @@ class SubsetEffectsParams(StepParams):
             raise ValueError("`base:` is for protocol paper; set protocol: paper or drop base")
         if self.protocol == "paper" and "warm_start" in self.model_fields_set:
             raise ValueError("warm_start is for protocol local; the paper protocol starts from `base`")
+        check_device(self.device, self.precision, self.task_gpus, "task_gpus")
         return self
 
+    def demands(self) -> dict[str, tuple[float, str]]:
+        out = super().demands()
+        if self.task_gpus > out["GPU"][0]:  # one training task at least
+            out["GPU"] = (self.task_gpus, "task_gpus")
+        return out
 
-def _train_batch(batch: list[int], *, job: Retraining, num_cpus: float) -> tuple[list[int], np.ndarray]:
+
+def _train_batch(
+    batch: list[int], *, job: Retraining, num_cpus: float, device: tuple[str, str, float]
+) -> tuple[list[int], np.ndarray]:
     from tda.effects.retrain import subset_losses
 
     set_threads(num_cpus)
+    on_device(job.family, *device)
     d = job.data
     losses = subset_losses(
         job.family,
@@ -100,10 +133,12 @@ def subset_effects(params: SubsetEffectsParams, ctx: StepContext) -> pl.DataFram
     else:
         start, seeds = (theta if params.warm_start else None), None
     job = Retraining(family, start, data, meta.get("l2_sum", 0.0), index, seeds)
-    work = functools.partial(_train_batch, job=job, num_cpus=params.task_cpus)
+    device = (params.device, params.precision, params.task_gpus)
+    work = functools.partial(_train_batch, job=job, num_cpus=params.task_cpus, device=device)
     todo = [[remaining[i] for i in chunk] for chunk in batches(len(remaining), params.subsets_per_task)]
     t0 = time.perf_counter()
-    for batch, losses in ctx.imap_unordered(work, todo, num_cpus=params.task_cpus):
+    tasks = {"num_cpus": params.task_cpus} | ({"num_gpus": params.task_gpus} if params.task_gpus else {})
+    for batch, losses in ctx.imap_unordered(work, todo, **tasks):
         _save_batch(ctx.scratch_dir, subset_ids[batch], data.target_ids, losses)
     seconds = time.perf_counter() - t0
     effects = pl.read_parquet(sorted(ctx.scratch_dir.glob("batch-*.parquet"))).sort(

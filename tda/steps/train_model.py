@@ -14,13 +14,26 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipelines import StepContext, StepKind, StepParams, StepRef
-from tda.steps.common import l2_field, load_split, set_threads, text_encoder
+from tda.steps.common import (
+    Device,
+    Precision,
+    check_device,
+    device_field,
+    l2_field,
+    load_split,
+    on_device,
+    precision_field,
+    set_threads,
+    text_encoder,
+)
 
 Family = Literal["logistic_regression", "mlp", "causal_lm"]
 
 
 class TrainModelParams(StepParams):
     """Train a model on the `train` rows of a split table (tabular or text corpus)."""
+
+    non_semantic = StepParams.non_semantic | {"device"}
 
     kind: Literal["train_model"] = "train_model"
     data: StepRef = Field(description="A split table (tabular layout or corpus, with `split`).")
@@ -47,6 +60,8 @@ class TrainModelParams(StepParams):
     lr: float = Field(3e-4, gt=0, description="causal_lm: AdamW learning rate.")
     batch_size: int = Field(16, gt=0, description="causal_lm: examples per optimiser step.")
     seed: int | None = Field(None, description="Initialisation and data-order seed (null = the spec's seed).")
+    device: Device = device_field()
+    precision: Precision = precision_field()
 
     @model_validator(mode="after")
     def _lm_needs_tokenizer(self) -> TrainModelParams:
@@ -57,6 +72,7 @@ class TrainModelParams(StepParams):
             )
         if self.family != "causal_lm" and self.init is not None:
             raise ValueError("`init:` (fine-tune a model step) is for family causal_lm")
+        check_device(self.device, self.precision, self.resources.num_gpus, "resources.num_gpus")
         return self
 
 
@@ -124,6 +140,7 @@ def train_model(params: TrainModelParams, ctx: StepContext) -> None:
         from tda.models.tokenizer import load_tokenizer
 
         family, init, tokenizer = _lm_start(params, ctx)
+        on_device(family, params.device, params.precision, params.resources.num_gpus)
         data = load_split(ctx, params.data, text_encoder(tokenizer, params.max_len))
         load_tokenizer(tokenizer).save_pretrained(str(ctx.model_dir))  # beside the weights
         meta.update(tokenizer=".", max_len=params.max_len)
