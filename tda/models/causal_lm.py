@@ -364,6 +364,20 @@ class CausalLM(ModelFamily):
             "pretrained": self.pretrained,
         }
 
+    RECIPE = ("epochs", "lr", "batch_size", "seed")
+
+    def with_recipe(self, **recipe: Any) -> CausalLM:
+        """The same model with another training recipe (epochs, lr, batch_size, seed), without loading
+        or building it again: the copy shares `self.model`, which functional calls never change."""
+        unknown = sorted(set(recipe) - set(self.RECIPE))
+        if unknown:
+            raise ModelError(f"{self.name}: {unknown[0]!r} is not part of the recipe {self.RECIPE}")
+        out = copy.copy(self)
+        for key, value in recipe.items():
+            setattr(out, key, value)
+        out._check_arguments()
+        return out
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> CausalLM:
         return cls(**{key: value for key, value in config.items() if key != "family"})

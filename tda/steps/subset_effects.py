@@ -196,6 +196,8 @@ def _with_recipe(family: Any, recipe: dict[str, float | int]) -> Any:
         raise ModelError(
             f"recipe: {family.name} has no setting {unknown[0]!r}; it has {', '.join(sorted(config))}"
         )
+    if hasattr(family, "with_recipe") and set(recipe) <= set(family.RECIPE):
+        return family.with_recipe(**recipe)  # a language model is not loaded again
     return type(family).from_config({**config, **recipe})
 
 

@@ -95,17 +95,15 @@ def build_family(params: TrainModelParams, n_features: int, n_classes: int) -> A
 def lm_family(
     tokenizer: Any, max_len: int, params: TrainModelParams | None = None, pretrained: str | None = None
 ) -> Any:
-    """A causal LM for `tokenizer`: built from `params`' sizes, or the folder `pretrained` (then only
-    the recipe of `params`, if given, is used)."""
+    """A causal LM for `tokenizer`: a new one of `params`' sizes and recipe, or the folder
+    `pretrained` as it is (the recipe's defaults)."""
     from tda.models.causal_lm import CausalLM
 
     sizes: dict[str, Any] = {}
     if params is not None:
-        sizes = {"epochs": params.epochs, "lr": params.lr, "batch_size": params.batch_size}
-        sizes |= {"seed": params.seed or 0}
-        if pretrained is None:
-            sizes |= {"architecture": params.architecture, "n_layer": params.n_layer}
-            sizes |= {"n_embd": params.n_embd, "n_head": params.n_head}
+        sizes = {"architecture": params.architecture, "n_layer": params.n_layer, "n_embd": params.n_embd}
+        sizes |= {"n_head": params.n_head, "epochs": params.epochs, "lr": params.lr}
+        sizes |= {"batch_size": params.batch_size, "seed": params.seed or 0}
     return CausalLM(
         vocab_size=len(tokenizer),
         n_positions=max_len,
@@ -125,9 +123,13 @@ def _lm_start(params: TrainModelParams, ctx: StepContext) -> tuple[Any, Any, Pat
         folder = ctx.input(params.tokenizer).model_dir
         return lm_family(load_tokenizer(folder), params.max_len, params), None, folder
     base, theta, meta = load_model(ctx.input(params.init).model_dir)
-    folder = Path(meta["tokenizer"])
-    family = lm_family(load_tokenizer(folder), params.max_len, params, pretrained=base.pretrained)
-    return family, theta, folder
+    recipe = {
+        "epochs": params.epochs,
+        "lr": params.lr,
+        "batch_size": params.batch_size,
+        "seed": params.seed or 0,
+    }
+    return base.with_recipe(**recipe), theta, Path(meta["tokenizer"])
 
 
 def train_model(params: TrainModelParams, ctx: StepContext) -> None:
