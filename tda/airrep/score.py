@@ -2,9 +2,10 @@
 
 Both functions work on targets in blocks, so memory stays bounded however many targets there are:
 
-- `score_frame` computes a (block, n_train) float32 score matrix per block of targets and keeps either
-  every pair or the top k per target (torch.topk), so with top_k the full (n_target, n_train) matrix
-  never exists: peak ≈ block_size × n_train floats plus the output.
+- `score_frame` scores through the streaming kernel of `tda.influence.topk`: every pair, a
+  (block, n_train) float32 matrix per block of targets, or the top k per target (ties by the smaller
+  example id) through score blocks of at most 16 MiB, so with top_k memory is bounded by the blocks
+  and the output, never n_target × n_train.
 - `group_score_frame` pads the groups' member positions into a (G, kmax) index + mask, scores a block
   of targets against the distinct member rows once, gathers (block, G, kmax) and pools each group with
   `tda.airrep.model.group_scores` (attention = Σ softmax(|s|)_i s_i, or sum).
@@ -21,8 +22,8 @@ from torch import Tensor
 
 from tda.airrep.model import group_scores
 from tda.errors import DataError, ModelError
+from tda.influence.topk import SCORES_SCHEMA, stream_scores, stream_topk
 
-SCORES_SCHEMA = {"method": pl.String, "target_id": pl.Int64, "example_id": pl.Int64, "score": pl.Float32}
 GROUP_SCORES_SCHEMA = {
     "method": pl.String,
     "order": pl.Int8,
@@ -53,8 +54,10 @@ def score_frame(
         target_emb: (m, d) target embeddings.
         train_ids: (n,) ids of the training examples, one per row of train_emb.
         train_emb: (n, d) training embeddings.
-        top_k: keep the k highest scores per target (k clipped to n); None keeps all n × m pairs.
-        block_size: targets scored per block; memory ≈ block_size × n float32.
+        top_k: keep the k highest scores per target (k clipped to n; ties by the smaller example id);
+            None keeps all n × m pairs.
+        block_size: targets scored per block; with all pairs memory ≈ block_size × n float32, with top_k
+            the score block is at most `tda.influence.topk.BLOCK_BYTES`.
         cosine: divide each dot product by the two norms.
 
     Returns:
@@ -67,35 +70,17 @@ def score_frame(
         raise DataError(f"block_size {block_size}: must be at least 1; give a positive number of targets")
     if top_k is not None and top_k < 1:
         raise DataError(f"top_k {top_k}: must be at least 1; give a positive k or null for all pairs")
-    train = train_emb.detach().float()
-    n = train.shape[0]
-    k = n if top_k is None else min(int(top_k), n)
-    inv_norm = 1.0 / train.norm(dim=1).clamp_min(1e-12) if cosine else None  # (n,)
-    target_col, example_col, score_col = [], [], []
-    for start in range(0, len(t_ids) if n else 0, block_size):
-        block = target_emb[start : start + block_size].detach().to(train.device, torch.float32)
-        scores = block @ train.T  # (b, n)
-        if inv_norm is not None:
-            scores.mul_(inv_norm).mul_((1.0 / block.norm(dim=1).clamp_min(1e-12)).unsqueeze(1))
-        b = scores.shape[0]
-        if top_k is None:
-            values, example_col_block = scores, np.tile(z_ids, b)
-        else:
-            values, index = torch.topk(scores, k, dim=1)  # (b, k), descending
-            example_col_block = z_ids[index.cpu().numpy().ravel()]
-        target_col.append(np.repeat(t_ids[start : start + b], k))
-        example_col.append(example_col_block)
-        score_col.append(values.cpu().numpy().ravel())
-        del scores, values
-    return _frame(
-        method,
-        {
-            "target_id": _cat(target_col, np.int64),
-            "example_id": _cat(example_col, np.int64),
-            "score": _cat(score_col, np.float32),
-        },
-        SCORES_SCHEMA,
-    )
+    targets = target_emb.detach().cpu().float()  # (m, d)
+    if cosine:
+        targets = targets / targets.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    train = [(z_ids, train_emb.detach().cpu())]  # one chunk: the kernel scores it in bounded blocks
+    if top_k is None:
+        frames = list(
+            stream_scores(method, t_ids, targets, train, target_block=block_size, normalize_train=cosine)
+        )
+        return pl.concat(frames) if frames else pl.DataFrame(schema=SCORES_SCHEMA)
+    top = stream_topk(targets, train, top_k, target_block=block_size, normalize_train=cosine)
+    return top.frame(method, t_ids)
 
 
 def group_score_frame(
@@ -202,10 +187,6 @@ def _padded(members: list[Tensor], n: int) -> tuple[Tensor, Tensor, Tensor]:
     index = torch.zeros(len(flat), kmax, dtype=torch.long)
     index[mask] = inverse  # row-major order of mask matches the concatenation of members
     return index, mask, rows
-
-
-def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype=dtype)
 
 
 def _frame(method: str, columns: dict[str, object], schema: dict[str, pl.DataType]) -> pl.DataFrame:
