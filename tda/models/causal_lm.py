@@ -256,6 +256,13 @@ class CausalLM(ModelFamily):
         """ℓ of each row of X (b, L), y (b, L) in one differentiable forward: (b,) on the device."""
         return response_losses(self.logits(theta, X), y.to(self.device))
 
+    def module_losses(self, X: Tensor, y: Tensor) -> Tensor:
+        """ℓ of each row computed by the module with its own weights, so hooks on its layers see the
+        forward and backward (gradient features): (b,) on the device."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(X.to(self.device), use_cache=False).logits
+        return response_losses(logits.float(), y.to(self.device))
+
     def example_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return self.row_losses(theta, x[None], y[None])[0]
 

@@ -133,16 +133,19 @@ def text_encoder(tokenizer_dir: Path, max_len: int) -> Encoder:
     return lambda prompts, responses: encode_examples(tokenizer, prompts, responses, max_len)
 
 
-def trained_split(ctx: StepContext, model: str, data: str) -> tuple[Split, Any, torch.Tensor, dict[str, Any]]:
+def trained_split(
+    ctx: StepContext, model: str, data: str, same_rows: bool = True
+) -> tuple[Split, Any, torch.Tensor, dict[str, Any]]:
     """(split, family, θ, meta): a `train_model` step's model and the data it was trained on, encoded the
-    way it was trained (its tokenizer for a language model); checks the training rows match."""
+    way it was trained (its tokenizer for a language model); checks the training rows match unless
+    `same_rows` is False (a model featurising rows it was not trained on)."""
     from tda.models import load_model
 
     folder = ctx.input(model).model_dir
     family, theta, meta = load_model(folder)
     encode = text_encoder(folder / meta["tokenizer"], meta["max_len"]) if meta.get("tokenizer") else None
     split = load_split(ctx, data, encode)
-    if "n_train" in meta and meta["n_train"] != split.n:  # a checkpoint used as it is has no n_train
+    if same_rows and "n_train" in meta and meta["n_train"] != split.n:  # a checkpoint has no n_train
         raise ModelError(
             f"step {model!r} was trained on {meta.get('n_train')} rows "
             f"but the data has {split.n} train rows; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from tda.steps.embedding import EmbeddingStepParams
 from tda.steps.train_airrep import check_encoder
 
 GRADIENT_METHODS = ("if-exact", "if-cg", "if-lissa", "graddot", "gradcos")
+FEATURE_ONLY = ("logra", "trak", "kfac", "ekfac")  # methods on gradient features (`features:`)
 
 
 class InfluenceScoresParams(EmbeddingStepParams):
@@ -34,10 +36,38 @@ class InfluenceScoresParams(EmbeddingStepParams):
     kind: Literal["influence_scores"] = "influence_scores"
     model: StepRef | None = Field(None, description="A train_model step (the gradient methods).")
     data: StepRef = Field(description="The split table the model was trained on (or the corpus split).")
-    method: Literal["if-exact", "if-cg", "if-lissa", "graddot", "gradcos", "airrep", "repsim"] = Field(
+    method: Literal[
+        "if-exact",
+        "if-cg",
+        "if-lissa",
+        "graddot",
+        "gradcos",
+        "logra",
+        "trak",
+        "kfac",
+        "ekfac",
+        "airrep",
+        "repsim",
+    ] = Field(
         description="Influence function (1/n)∇ℓ_tᵀH̄⁻¹∇ℓ_z with an exact, CG or LiSSA inverse-HVP; the "
-        "gradient dot product / cosine; airrep = e(t)·e(z) of a trained AirRep; repsim = cosine of the "
-        "untrained encoder's mean-pooled features."
+        "gradient dot product / cosine (full gradients, or `features`); on gradient features: logra "
+        "(per-layer projected Gauss–Newton inverse), trak (the same over all features), kfac, ekfac; "
+        "airrep = e(t)·e(z) of a trained AirRep; repsim = cosine of the untrained encoder's mean-pooled "
+        "features."
+    )
+    features: StepRef | None = Field(
+        None,
+        description="A gradient_features step: graddot, gradcos, logra, trak, kfac, ekfac score its features "
+        "(streamed top-k over its shards) instead of full gradients.",
+    )
+    relative_damping: float = Field(
+        0.1, ge=0, description="Feature methods: damping × the mean eigenvalue of each curvature block."
+    )
+    score_tasks: int = Field(
+        1, gt=0, description="Feature methods: Ray tasks that share the training shards."
+    )
+    label: str | None = Field(
+        None, description="The `method` column of the scores (null = the method), e.g. ekfac-k256."
     )
     encoder: StepRef | None = Field(None, description="airrep: a train_airrep step.")
     encoder_path: InputPath | None = Field(
@@ -80,7 +110,16 @@ class InfluenceScoresParams(EmbeddingStepParams):
     @model_validator(mode="after")
     def _sources(self) -> InfluenceScoresParams:
         given = [f for f in ("encoder", "encoder_path", "mlflow_run") if getattr(self, f) is not None]
-        if self.method in GRADIENT_METHODS:
+        if self.method in FEATURE_ONLY and self.features is None:
+            raise ValueError(
+                f"method {self.method} scores gradient features: give `features:` (a gradient_features step)"
+            )
+        if self.features is not None:
+            if self.method not in (*FEATURE_ONLY, "graddot", "gradcos"):
+                raise ValueError(f"method {self.method} does not use `features`; drop it")
+            if given:
+                raise ValueError(f"method {self.method} uses `features`; drop {given[0]}")
+        elif self.method in GRADIENT_METHODS:
             if self.model is None:
                 raise ValueError(f"method {self.method} needs `model` (a train_model step)")
             if given:
@@ -174,9 +213,76 @@ def embedding_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.Data
     return frame
 
 
+def feature_method_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.DataFrame:
+    """A method on gradient features: fit the preconditioner, precondition the targets, then stream the
+    training shards through top-k on `score_tasks` Ray tasks and merge."""
+    from tda.influence import feature_scores as fs
+    from tda.influence.topk import stream_scores
+
+    features = features_of(ctx, params.features, params.model, params.data)
+    fs.check_method(params.method, features, params.features)
+    P, fit_seconds = fs.timed(fs.fit, params.method, features, params.relative_damping)
+    (target_ids, targets), prep_seconds = fs.timed(fs.prepared_targets, params.method, features, P)
+    label, cosine = params.label or params.method, params.method == "gradcos"
+    t0 = time.perf_counter()
+    if params.top_k is None:
+        chunks = fs.read_chunks(features.files, "train")
+        frame = pl.concat(list(stream_scores(label, target_ids, targets, chunks, normalize_train=cosine)))
+    else:
+        groups = [
+            features.files[i :: params.score_tasks]
+            for i in range(min(params.score_tasks, len(features.files)))
+        ]
+        work = functools.partial(
+            fs.shard_topk,
+            targets=targets,
+            top_k=params.top_k,
+            normalize=cosine,
+            threads=params.resources.num_cpus,
+        )
+        parts = ctx.map(work, groups, num_cpus=params.resources.num_cpus)
+        top = functools.reduce(lambda a, b: a.merge(b), parts)
+        frame = top.frame(label, target_ids)
+    score_seconds = time.perf_counter() - t0
+    n, m, dim = features.n_train, len(target_ids), int(features.meta["dim"])
+    seconds = fit_seconds + prep_seconds + score_seconds
+    ctx.log_metrics(
+        {
+            "seconds": seconds,
+            "fit_seconds": fit_seconds,
+            "score_seconds": score_seconds,
+            "pairs_per_second": n * m / score_seconds if score_seconds else 0.0,
+            "gflops": 2 * n * m * dim / score_seconds / 1e9 if score_seconds else 0.0,
+            "examples_per_second": (n + m) / seconds,
+            "dim": dim,
+        }
+    )
+    return frame
+
+
+def features_of(ctx: StepContext, features: str, model: str | None, data: str) -> Any:
+    """The features of step `features`; ModelError (one line, before any work) if they were made from
+    another model or split than the ones this step names."""
+    from tda.errors import ModelError
+    from tda.influence.feature_store import load_features
+
+    obj = ctx.input(features)
+    made = obj.manifest.get("params", {})
+    keys = obj.manifest.get("inputs", {})
+    for field, step in (("model", model), ("data", data)):
+        if step is not None and keys.get(made.get(field)) != ctx.inputs.get(step):
+            raise ModelError(
+                f"features {features!r} were made from {field} {made.get(field)!r}, not from {step!r}; "
+                f"featurise {step!r} (a gradient_features step with {field}: {step})"
+            )
+    return load_features(obj.data_dir, obj.model_dir)
+
+
 def influence_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.DataFrame:
     from tda.influence import example_scores
 
+    if params.features is not None:
+        return feature_method_scores(params, ctx)
     if params.method not in GRADIENT_METHODS:
         return embedding_scores(params, ctx)
     set_threads(params.resources.num_cpus)
