@@ -19,11 +19,17 @@ def leave_group_out(
     y_target: Tensor,
     l2_sum: float,
     groups: list[Tensor],
+    control: bool = False,
 ) -> Tensor:
     """Actual change of each target's loss when each group is removed and the model retrained
-    (warm start from θ): (m targets, G groups)."""
+    (warm start from θ): (m targets, G groups).
+
+    The change is measured against θ, or with `control` against the same recipe run on every row from
+    θ: for a recipe that does not converge (an LM fine-tune: a fixed number of AdamW steps moves θ
+    even when nothing is removed), only the difference the group makes is left."""
+    reference = family.fit(X, y, l2_sum=l2_sum, init=theta).theta if control else theta
     with torch.no_grad():
-        base = family.losses(theta, X_target, y_target)  # (m,)
+        base = family.losses(reference, X_target, y_target)  # (m,)
     out = torch.empty(len(base), len(groups), dtype=torch.float64)
     for g, index in enumerate(groups):
         keep = torch.ones(len(X), dtype=torch.bool)

@@ -269,3 +269,54 @@ def _newton_dense(prob: GroupProblem) -> Tensor:
 def _cg_options(solver: str, solver_options: dict[str, Any]) -> dict[str, Any]:
     """The Newton CG takes tol and max_iter from the solver options when the solver is cg."""
     return {k: v for k, v in solver_options.items() if k in ("tol", "max_iter")} if solver == "cg" else {}
+
+
+def feature_group_influence(
+    train: Tensor,
+    targets: Tensor,
+    groups: list[Tensor],
+    orders: tuple[int, ...] = (1, 2),
+    newton: bool = True,
+    relative_damping: float = 0.1,
+) -> dict[str, Tensor]:
+    """Group influence in a feature space (projected gradients φ, e.g. LoGra's), with the projected
+    Gauss–Newton curvature: per example ∇²ℓ ≈ φφᵀ, so with Φ the (n, K) training features,
+
+        H̄ = ΦᵀΦ / n + λI,   λ = relative_damping × tr(ΦᵀΦ / n) / K,   H_U = Φ_Uᵀ Φ_U,   g_U = Φ_Uᵀ 1,
+
+    and the first-, second-order and Newton formulas of the module docstring with A = H̄, the effect
+    on a target being φ_tᵀ Δθ̃. Holds Φ (n × K) and K × K matrices: for n·K and K of projected sizes.
+
+    Args:
+        train: (n, K) training features; `groups` index its rows.
+        targets: (m, K) target features.
+
+    Returns:
+        (m, G) float64 under "if-order1", "if-order2", "newton" (those requested).
+    """
+    _check_orders(orders, newton)
+    Phi, T = train.double(), targets.double()
+    n, K = Phi.shape
+    groups = check_groups(groups, n)
+    F = Phi.T @ Phi / n
+    A = F + (relative_damping * float(torch.diagonal(F).mean()) or 1e-12) * torch.eye(K, dtype=F.dtype)
+    chol = torch.linalg.cholesky(A)
+    g = torch.stack([Phi[idx].sum(0) for idx in groups])  # (G, K)
+    p = torch.tensor([len(idx) / n for idx in groups], dtype=torch.float64)
+    S = torch.cholesky_solve(T.T, chol)  # (K, m): A⁻¹ φ_t
+    first = S.T @ g.T / n  # (m, G)
+    out = {"if-order1": first} if 1 in orders else {}
+    if 2 in orders:
+        U = torch.cholesky_solve(g.T, chol).T  # (G, K): A⁻¹ g_U
+        W = torch.stack([Phi[idx].T @ (Phi[idx] @ u) for idx, u in zip(groups, U, strict=True)])  # H_U u_U
+        q = (1.0 - p) ** 2
+        out["if-order2"] = (1.0 - 2.0 * p) / q * first + (1.0 / (q * n**2)) * (S.T @ W.T)
+    if newton:
+        delta = torch.stack(
+            [
+                torch.linalg.solve(n * A - Phi[idx].T @ Phi[idx], g_u)
+                for idx, g_u in zip(groups, g, strict=True)
+            ]
+        )  # (G, K)
+        out["newton"] = T @ delta.T
+    return out

@@ -27,7 +27,15 @@ class GroupInfluenceParams(EmbeddingStepParams):
         description="influence = first/second-order influence functions and Newton (needs `model`); "
         "airrep = AirRep group scores, attention-pooled (method airrep-attention) and summed (airrep-sum).",
     )
-    model: StepRef | None = Field(None, description="influence: a train_model step.")
+    model: StepRef | None = Field(None, description="influence: a train_model step (or give `features`).")
+    features: StepRef | None = Field(
+        None,
+        description="influence in a feature space: a gradient_features step; H̄ and H_U are the projected "
+        "Gauss–Newton (φφᵀ per example), damped by relative_damping.",
+    )
+    relative_damping: float = Field(
+        0.1, ge=0, description="features: λ = relative_damping × the mean eigenvalue of ΦᵀΦ/n."
+    )
     data: StepRef = Field(description="The split table the model (or the experiments) used.")
     groups: StepRef = Field(description="A make_groups step.")
     encoder: StepRef | None = Field(None, description="airrep: a train_airrep step.")
@@ -48,8 +56,11 @@ class GroupInfluenceParams(EmbeddingStepParams):
     @model_validator(mode="after")
     def _sources(self) -> GroupInfluenceParams:
         given = [f for f in ("encoder", "encoder_path", "mlflow_run") if getattr(self, f) is not None]
-        if self.method == "influence" and (self.model is None or given):
-            raise ValueError("method influence needs `model` (a train_model step) and no encoder")
+        if self.method == "influence" and ((self.model is None and self.features is None) or given):
+            raise ValueError(
+                "method influence needs `model` (a train_model step) or `features` (a gradient_features "
+                "step), and no encoder"
+            )
         if self.method == "airrep" and len(given) != 1:
             raise ValueError("method airrep needs exactly one of encoder, encoder_path and mlflow_run")
         return self
@@ -94,6 +105,8 @@ def group_influence_step(params: GroupInfluenceParams, ctx: StepContext) -> pl.D
     if params.method == "airrep":
         return airrep_groups(params, ctx)
     set_threads(params.resources.num_cpus)
+    if params.features is not None:
+        return feature_groups(params, ctx)
     data, family, theta, meta = trained_split(ctx, params.model, params.data)
     group_ids, index = index_members(ctx.table(params.groups).collect(), "group_id", data.train_ids, "group")
     t0 = time.perf_counter()
@@ -115,6 +128,24 @@ def group_influence_step(params: GroupInfluenceParams, ctx: StepContext) -> pl.D
     ctx.log_metric("seconds", time.perf_counter() - t0)
     frames = [_long(method, matrix.numpy(), data.target_ids, group_ids) for method, matrix in effects.items()]
     return pl.concat(frames)
+
+
+def feature_groups(params: GroupInfluenceParams, ctx: StepContext) -> pl.DataFrame:
+    """Group influence in the features' space (the projected Gauss–Newton curvature)."""
+    from tda.influence.feature_store import read_split
+    from tda.influence.group import feature_group_influence
+    from tda.steps.influence_scores import features_of
+
+    features = features_of(ctx, params.features, params.model, params.data)
+    train_ids, Phi = read_split(features.files, "train")
+    target_ids, T = read_split(features.files, "target")
+    group_ids, index = index_members(ctx.table(params.groups).collect(), "group_id", train_ids, "group")
+    t0 = time.perf_counter()
+    effects = feature_group_influence(
+        Phi, T, index, tuple(params.orders), params.newton, params.relative_damping
+    )
+    ctx.log_metrics({"seconds": time.perf_counter() - t0, "dim": Phi.shape[1]})
+    return pl.concat([_long(method, m.numpy(), target_ids, group_ids) for method, m in effects.items()])
 
 
 def _long(method: str, matrix: np.ndarray, target_ids: np.ndarray, group_ids: list[str]) -> pl.DataFrame:

@@ -23,17 +23,32 @@ class RetrainWithoutGroupsParams(StepParams):
     model: StepRef = Field(description="A train_model step (its family, recipe and optimum θ*).")
     data: StepRef = Field(description="The split table the model was trained on.")
     groups: StepRef = Field(description="A make_groups step.")
+    control: bool | None = Field(
+        None,
+        description="Measure against the same recipe run on all rows from θ* (null = yes for causal LMs, "
+        "whose fine-tunes move θ* even when nothing is removed; no for converged families).",
+    )
     groups_per_task: int = Field(8, gt=0, description="Groups retrained by one Ray task.")
     task_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each retraining task.")
 
 
-def _retrain_batch(batch: list[int], *, job: Retraining, num_cpus: float) -> tuple[list[int], np.ndarray]:
+def _retrain_batch(
+    batch: list[int], *, job: Retraining, num_cpus: float, control: bool
+) -> tuple[list[int], np.ndarray]:
     from tda.effects.retrain import leave_group_out
 
     set_threads(num_cpus)
     d = job.data
     effects = leave_group_out(
-        job.family, job.theta, d.X_train, d.y_train, d.X_target, d.y_target, job.l2_sum, job.rows(batch)
+        job.family,
+        job.theta,
+        d.X_train,
+        d.y_train,
+        d.X_target,
+        d.y_target,
+        job.l2_sum,
+        job.rows(batch),
+        control,
     )
     return batch, effects.numpy()
 
@@ -42,7 +57,8 @@ def retrain_without_groups(params: RetrainWithoutGroupsParams, ctx: StepContext)
     data, family, theta, meta = trained_split(ctx, params.model, params.data)
     group_ids, index = index_members(ctx.table(params.groups).collect(), "group_id", data.train_ids, "group")
     job = Retraining(family, theta, data, meta["l2_sum"], index)
-    work = functools.partial(_retrain_batch, job=job, num_cpus=params.task_cpus)
+    control = params.control if params.control is not None else family.name == "causal_lm"
+    work = functools.partial(_retrain_batch, job=job, num_cpus=params.task_cpus, control=control)
     t0 = time.perf_counter()
     actual = np.empty((len(data.target_ids), len(index)))
     todo = batches(len(index), params.groups_per_task)
