@@ -72,17 +72,47 @@ class RayExecutor(Executor):
         return ray.get(self._submit(fn, items, options))
 
     def imap_unordered(self, fn: Any, items: Any, **options: Any) -> Any:
+        """Results as tasks finish, with at most twice as many tasks in flight as the cluster can run at
+        once (by CPUs, or GPUs when the tasks reserve some): the items not yet submitted and the
+        results not yet consumed stay out of the object store, so its use is bounded by that window,
+        not by the number of items."""
         import ray
 
-        pending = self._submit(fn, items, options)
+        items = list(items)
+        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "task")
+        remote = ray.remote(_apply).options(name=name, **options)
+        shared = ray.put(fn)
+        window = _window(options)
+        pending = [remote.remote(shared, item) for item in items[:window]]
+        following = iter(items[window:])
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
+            item = next(following, _END)
+            if item is not _END:
+                pending.append(remote.remote(shared, item))
             yield ray.get(done[0])
 
     def node_id(self) -> str:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+
+_END = object()
+
+
+def _window(options: dict[str, Any]) -> int:
+    """Tasks kept in flight by `imap_unordered`: twice the tasks the cluster fits at once, at least 2."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = float(options.get("num_gpus") or 0)
+    fits = (
+        total.get("GPU", 0) / gpus
+        if gpus
+        else total.get("CPU", 1) / max(float(options.get("num_cpus", 1)), 1e-3)
+    )
+    return max(2, 2 * int(fits))
 
 
 def _execute_on_ray(job: StepJob) -> StepOutcome:

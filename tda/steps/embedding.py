@@ -7,7 +7,9 @@ example id and are written beside the step's table as `embeddings.parquet` (exam
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -130,21 +132,27 @@ def embed_split(
     ray_ctx = ray.data.DataContext.get_current()
     ray_ctx.enable_progress_bars = False
     ray_ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset info lines in the run's log
     files = sorted(str(f) for f in ctx.input(data).data_dir.glob("*.parquet"))
     t0 = time.perf_counter()
     # the shards become the dataset's blocks here, with no read tasks: Ray Data throttles new tasks
     # while the embedding actors hold every CPU, which stalled reads (2 actors on a 2-CPU cluster)
     columns = ["example_id", "prompt", "response", "split"]
     ds = ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])
-    ds = ds.map_batches(
-        _Embedder,
-        fn_constructor_args=(source, batch_size, cpus_per_worker, gpus_per_worker, device),
-        batch_size=4 * batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=cpus_per_worker,
-        **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
-    )
+    with warnings.catch_warnings():  # max_restarts as a map_batches kwarg is "deprecated" in Ray 2.60
+        warnings.simplefilter("ignore")
+        ds = ds.map_batches(
+            _Embedder,
+            fn_constructor_args=(source, batch_size, cpus_per_worker, gpus_per_worker, device),
+            batch_size=4 * batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cpus_per_worker,
+            # no actor restarts: the engine retries the step, and a restartable actor whose constructor
+            # arguments sit in the object store makes Ray log an error line on every run
+            max_restarts=0,
+            **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
+        )
     ids, splits, parts, compute = [], [], [], 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         compute += float(batch["seconds"].sum())

@@ -113,6 +113,7 @@ def _featurise_shards(
     projection = params.to_projection()
     out = []
     for shard in shards:
+        t0 = time.perf_counter()
         sums = FactorSums()
         train = torch.tensor(shard["train"])  # a writable copy (the shard's arrays are read-only)
         parts = [
@@ -121,7 +122,9 @@ def _featurise_shards(
             ),
             featurize(family, theta, shard["X"][~train], shard["y"][~train], projection, params.batch_size),
         ]
-        out.append({"index": shard["index"], "features": _in_rows(parts, train), "sums": sums})
+        features = _in_rows(parts, train)
+        out.append({"index": shard["index"], "features": features, "sums": sums})
+        out[-1]["seconds"] = time.perf_counter() - t0  # featurising only: no task start, no model load
     return out
 
 
@@ -148,9 +151,10 @@ def gradient_features(params: GradientFeaturesParams, ctx: StepContext) -> None:
     work = functools.partial(_featurise_shards, family=family, theta=theta, params=params)
     groups = [[todo[i] for i in chunk] for chunk in batches(len(todo), params.shards_per_task)]
     tasks = {"num_cpus": params.task_cpus} | ({"num_gpus": params.task_gpus} if params.task_gpus else {})
-    t0 = time.perf_counter()
+    t0, compute = time.perf_counter(), 0.0
     for results in ctx.imap_unordered(work, groups, **tasks):
         for result in results:
+            compute += result["seconds"]
             _save_shard(ctx.scratch_dir, shards[result["index"]], result, params.dtype)
     seconds = time.perf_counter() - t0
     sums = _collect(ctx, shards)
@@ -161,6 +165,9 @@ def gradient_features(params: GradientFeaturesParams, ctx: StepContext) -> None:
         {
             "seconds": seconds,
             "examples_per_second": rows / seconds if rows else 0.0,
+            # the tasks' featurising seconds, summed (without task starts and model loads): per task
+            "featurise_seconds": compute,
+            "examples_per_task_second": rows / compute if compute else 0.0,
             "shards_featurised": len(todo),
             "shards_resumed": len(shards) - len(todo),
             "dim": dim,
@@ -257,4 +264,4 @@ def _record(
     }
 
 
-STEP = StepKind("gradient_features", GradientFeaturesParams, gradient_features, version="1")
+STEP = StepKind("gradient_features", GradientFeaturesParams, gradient_features, version="2")  # 2: binary rows

@@ -108,3 +108,35 @@ def test_a_pattern_matching_no_layer_or_k_beyond_a_layer_is_one_line(projection,
     with pytest.raises(InfluenceError, match=message) as info:
         linear_layers(_family("gpt2").model, projection)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_feature_shards_round_trip(tmp_path, dtype):
+    """A shard written as binary rows reads back as the same values (float16: its rounding only), by
+    row group and split, and a column that is not a features shard is one clear error."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tda.errors import DataError
+    from tda.influence.feature_store import read_chunks, read_split, write_shard
+
+    feats = torch.randn(5000, 24)
+    ids = np.arange(5000)[::-1].copy()
+    splits = ["target" if i % 7 == 0 else "train" for i in range(5000)]
+    path = tmp_path / "part-00000.parquet"
+    write_shard(path, ids, splits, feats, dtype)
+    expect = feats.half().float() if dtype == "float16" else feats
+    chunks = list(read_chunks([path]))
+    assert len(chunks) == 2  # row groups of 4096
+    assert np.array_equal(np.concatenate([c[0] for c in chunks]), ids)
+    assert torch.equal(torch.cat([c[1] for c in chunks]), expect)
+    train = torch.tensor([s == "train" for s in splits])
+    assert torch.equal(torch.cat([c[1] for c in read_chunks([path], "train")]), expect[train])
+    target_ids, target = read_split([path], "target")
+    assert np.array_equal(target_ids, np.sort(ids[~train.numpy()]))
+    assert torch.equal(target, expect[~train][torch.from_numpy(np.argsort(ids[~train.numpy()]))])
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"example_id": [1], "split": ["train"], "features": [[1.0, 2.0]]}), other)
+    with pytest.raises(DataError, match="not a gradient_features shard"):
+        list(read_chunks([other]))
