@@ -128,11 +128,13 @@ def embed_split(
     """Embed the train and target rows of split step `data` on Ray Data; optionally save them."""
     import ray.data
     import torch
+    from ray.util.debug import log_once
 
     ray_ctx = ray.data.DataContext.get_current()
     ray_ctx.enable_progress_bars = False
     ray_ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset info lines in the run's log
+    log_once("ray_data_progress_manager_disabled")  # marks Ray Data's "progress bars disabled" as said
     files = sorted(str(f) for f in ctx.input(data).data_dir.glob("*.parquet"))
     t0 = time.perf_counter()
     # the shards become the dataset's blocks here, with no read tasks: Ray Data throttles new tasks

@@ -16,6 +16,7 @@ it with an LDS table to report held-out targets apart from the ones AirRep was t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -198,10 +199,15 @@ def _this_node(per_worker: dict[str, float], num_workers: int) -> dict[str, str]
 
 def train_airrep(params: TrainAirRepParams, ctx: StepContext) -> pl.DataFrame:
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tda.airrep.model import default_encoder_path
+
+    # a quiet run: Ray Train's print patch logs every worker print a second time, and its preemption
+    # watcher (for cloud spot instances) logs an error line at every start; either can be set back on
+    for name in ("RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+        os.environ.setdefault(name, "0")
     from tda.airrep.train import build_experiments
 
     exp = build_experiments(
@@ -237,6 +243,7 @@ def train_airrep(params: TrainAirRepParams, ctx: StepContext) -> pl.DataFrame:
             name=f"airrep-{ctx.key[:16]}",
             storage_path=str(scratch / "ray_train"),
             failure_config=FailureConfig(max_failures=params.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # not its per-report INFO lines
         ),
     )
     t0 = time.perf_counter()
