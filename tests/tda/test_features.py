@@ -140,3 +140,20 @@ def test_feature_shards_round_trip(tmp_path, dtype):
     pq.write_table(pa.table({"example_id": [1], "split": ["train"], "features": [[1.0, 2.0]]}), other)
     with pytest.raises(DataError, match="not a gradient_features shard"):
         list(read_chunks([other]))
+
+
+def test_a_method_the_features_cannot_support_is_one_line():
+    from tda.influence.feature_scores import check_method
+    from tda.influence.feature_store import FeatureSet
+
+    trak = FeatureSet([], {"projection": {"kind": "trak"}}, None)
+    for method in ("kfac", "ekfac", "logra"):
+        with pytest.raises(
+            InfluenceError, match=f"method {method} needs features with projection logra"
+        ) as info:
+            check_method(method, trak, "trak_256")
+        assert "\n" not in str(info.value) and "trak_256" in str(info.value)
+    with pytest.raises(InfluenceError, match="does not score gradient features"):
+        check_method("airrep", trak, "trak_256")
+    check_method("trak", trak, "trak_256")  # fine
+    check_method("graddot", trak, "trak_256")
