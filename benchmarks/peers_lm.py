@@ -15,7 +15,8 @@ are printed too. With `--repeats N` each method runs N times and the fastest run
 machine shared with other work the minimum is the least disturbed estimate.
 
 The pipeline's feature methods, `<method>-logra<k>` (e.g. `ekfac-logra64`): LoGra features k × k per
-linear layer of the blocks (the LM head left out, as `gradient_features` does by default), float16 as
+linear layer of the blocks (the LM head left out, as `gradient_features` does by default; with `+head`,
+e.g. `kfac-logra128+head`, the tied LM head too, as `exclude: []` does), float16 as
 stored, the method's preconditioner with the default relative damping 0.1, every pair scored: what the
 `gradient_features` and `influence_scores` steps compute, timed like the peers (factors = features and
 curvature, scores = the products).
@@ -358,10 +359,11 @@ def pipeline_scores(study: Study, method: str) -> tuple[np.ndarray, dict[str, An
 
 
 def feature_method(name: str) -> tuple[str, int] | None:
-    """("ekfac", 32) for "ekfac-logra32": a pipeline method on LoGra features; None otherwise."""
+    """("ekfac", 32) for "ekfac-logra32" (or "ekfac-logra32+head", the LM head featurised too): a
+    pipeline method on LoGra features; None otherwise."""
     from tda.influence.feature_scores import FEATURE_METHODS
 
-    method, _, rest = name.partition("-logra")
+    method, _, rest = name.removesuffix("+head").partition("-logra")
     if method in FEATURE_METHODS and rest.isdigit():
         return method, int(rest)
     return None
@@ -378,7 +380,7 @@ def pipeline_feature_scores(study: Study, name: str) -> tuple[np.ndarray, dict[s
 
     method, k = feature_method(name)  # type: ignore[misc]
     family, theta, _ = load_model(study.model_dir)
-    projection = Projection("logra", k_in=k, k_out=k)
+    projection = Projection("logra", k_in=k, k_out=k, exclude=() if name.endswith("+head") else ("lm_head",))
     layout = Layout(tuple((ly.name, k, k) for ly in linear_layers(family.model, projection)))
     t0 = clock()
     sums = FactorSums()

@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import queue
+import re
 import shlex
 import sqlite3
 import threading
@@ -27,6 +28,15 @@ from typing import Any
 from pipelines.errors import PipelineError
 
 MAX_PARAM_LENGTH = 6000
+_NOT_IN_METRIC_NAMES = re.compile(r"[^A-Za-z0-9_\-. :/]")  # what MLflow accepts in a metric name
+
+
+def metric_name(key: str) -> str:
+    """`key` with each character MLflow refuses in a metric name (e.g. the + of a label such as
+    "kfac-logra64+head") replaced by "_", so one odd label cannot fail a step's whole batch."""
+    return _NOT_IN_METRIC_NAMES.sub("_", key)
+
+
 LOCK_TIMEOUT_S = 300.0  # creating a new database takes seconds; a held lock this long is a hung run
 
 
@@ -278,7 +288,7 @@ class Tracker:
         stamp = _ms(end)
         self.client.log_batch(
             run_id,
-            metrics=[Metric(k, v, stamp, s or 0) for k, v, s in metrics],
+            metrics=[Metric(metric_name(k), v, stamp, s or 0) for k, v, s in metrics],
             params=[Param(k, v) for k, v in flatten(params).items()],
         )
         if artifacts and Path(artifacts).is_dir():
@@ -292,7 +302,7 @@ class Tracker:
     def _finish(self, status: str, metrics: dict[str, float], stamp: int) -> None:
         from mlflow.entities import Metric
 
-        batch = [Metric(k, v, stamp, 0) for k, v in metrics.items()]
+        batch = [Metric(metric_name(k), v, stamp, 0) for k, v in metrics.items()]
         self.client.log_batch(self.parent_id, metrics=batch)
         self.client.set_terminated(self.parent_id, status=status, end_time=stamp)
 

@@ -141,3 +141,20 @@ def test_an_unreachable_tracking_server_stops_the_run_before_any_step(
     record = pipelines.open_run(tmp_path / "s").record
     assert {s["status"] for s in record.steps.values()} == {"skipped"}
     assert not any((tmp_path / "s" / "objects").glob("*"))
+
+
+def test_metric_names_mlflow_refuses_are_made_acceptable(tmp_path):
+    """A step's metric named after a user's label ("kfac-logra64+head") is logged, not a failed batch."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from pipelines.tracking import metric_name
+
+    assert metric_name("lds.kfac-logra64+head.sum") == "lds.kfac-logra64_head.sum"
+    assert metric_name("lds.heldout/all: x-1.5") == "lds.heldout/all: x-1.5"  # allowed characters stay
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("names", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment)
+    name = metric_name("lds.ekfac-logra128+head.attention")
+    client.log_batch(run.info.run_id, metrics=[Metric(name, 0.5, 0, 0)])
+    assert client.get_run(run.info.run_id).data.metrics == {name: 0.5}
