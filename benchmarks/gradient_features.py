@@ -92,7 +92,8 @@ def _forward_backward(family: object, X: object, y: object) -> float:
     the floor of any method that needs one backward per row, LoGra included."""
     import torch
 
-    from tda.influence.features import _trim, batches
+    from tda.influence.features import batches
+    from tda.models.causal_lm import trim_padding
 
     model = family.model
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -103,7 +104,7 @@ def _forward_backward(family: object, X: object, y: object) -> float:
         t0 = time.perf_counter()
         for s in batches(len(X), 32):
             with torch.enable_grad():
-                family.module_losses(*_trim(*family.check_examples(X[s], y[s]))).sum().backward()
+                family.module_losses(*trim_padding(*family.check_examples(X[s], y[s]))).sum().backward()
         return len(X) / (time.perf_counter() - t0)
     finally:
         hook.remove()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import logging
 import os
 import shutil
@@ -58,13 +59,19 @@ class RayExecutor(Executor):
     """Fan-out inside a step: one Ray task per item. `fn` (any callable, e.g. a functools.partial
     carrying the step's data) is put in the object store once and shared by all its tasks."""
 
-    def _submit(self, fn: Any, items: Any, options: dict[str, Any]) -> list[Any]:
+    @staticmethod
+    def _task(fn: Any, options: dict[str, Any]) -> Any:
+        """A function that submits one item as a Ray task of `fn` (named after it; `fn` put once)."""
         import ray
 
         name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "task")
         remote = ray.remote(_apply).options(name=name, **options)
         shared = ray.put(fn)
-        return [remote.remote(shared, item) for item in items]
+        return lambda item: remote.remote(shared, item)
+
+    def _submit(self, fn: Any, items: Any, options: dict[str, Any]) -> list[Any]:
+        submit = self._task(fn, options)
+        return [submit(item) for item in items]
 
     def map(self, fn: Any, items: Any, **options: Any) -> list[Any]:
         import ray
@@ -78,27 +85,17 @@ class RayExecutor(Executor):
         not by the number of items."""
         import ray
 
-        items = list(items)
-        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "task")
-        remote = ray.remote(_apply).options(name=name, **options)
-        shared = ray.put(fn)
-        window = _window(options)
-        pending = [remote.remote(shared, item) for item in items[:window]]
-        following = iter(items[window:])
+        submit, following = self._task(fn, options), iter(items)
+        pending = [submit(item) for item in itertools.islice(following, _window(options))]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            item = next(following, _END)
-            if item is not _END:
-                pending.append(remote.remote(shared, item))
+            pending.extend(submit(item) for item in itertools.islice(following, 1))
             yield ray.get(done[0])
 
     def node_id(self) -> str:
         import ray
 
         return ray.get_runtime_context().get_node_id()
-
-
-_END = object()
 
 
 def _window(options: dict[str, Any]) -> int:

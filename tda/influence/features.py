@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from tda.errors import InfluenceError
+from tda.models.causal_lm import trim_padding
 
 PROJECTIONS = ("logra", "trak", "identity")
 TRAK_ROWS = 1 << 16  # rows of R generated at once
@@ -257,17 +258,11 @@ def featurize(
         parts = []
         for s in batches(len(X), batch_size):
             Xb, yb = family.check_examples(X[s], y[s])
-            parts.append(logra.features(family.module_losses, *_trim(Xb, yb), sums))
+            parts.append(logra.features(family.module_losses, *trim_padding(Xb, yb), sums))
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
     return torch.cat(parts) if parts else torch.zeros(0, logra.dim)
-
-
-def _trim(X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    from tda.models.causal_lm import trim_padding
-
-    return trim_padding(X, y)
 
 
 def feature_dim(family: Any, projection: Projection) -> int:
