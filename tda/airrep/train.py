@@ -2,18 +2,26 @@
 
 Data. `Experiments` holds the training pool (example ids and texts), the targets, the fit subsets (as
 row positions into the pool) and the labels: per target, the losses of the subsets it was measured on,
-z-normalised over its split's training subsets, sign-flipped (higher = the subset helped) and clipped
-to ±10.
+z-normalised over the train subsets, sign-flipped (higher = the subset helped) and clipped to ±10.
+
+Which pairs are labels (`labels`). Targets are never in a pool, so a fine-tune on any subset measures
+a valid effect on every target: `all` (the default) labels every (fit target, train subset) pair the
+effects measured, across splits; `own_split` keeps only a split's subsets on that split's targets (the
+AirRep paper's layout, three quarters fewer labels with 4 splits).
 
 Roles. Targets are split into `fit` (trained on), `val` (model selection) and `heldout` (never seen:
-the reported LDS); the fit subsets into `train` and `val` subsets. The experiments' `eval` subsets are
-not touched here; they stay held out for the LDS step. Validation LDS = val targets × val subsets.
+the reported LDS); the fit subsets into `train` and `val` subsets, by `role_seed`, which nothing else
+uses: the training seed (episodes) can change while the roles stay put. The experiments' `eval`
+subsets are not touched here; they stay held out for the LDS step. Validation LDS = val targets × val
+subsets.
 
-A step is `episodes_per_step` episodes. An episode samples one split, `targets_per_episode` of its fit
-targets and `subsets_per_episode` of its train subsets; member scores s = e(t)·e(z) are pooled per
-subset with attention (Σ softmax(|s|) s), and for every target each pair of subsets (j, k) with
-y_j > y_k adds w·softplus(−(ĝ_j − ĝ_k)), w = clamp(y_j − y_k, 0, 10); an episode's loss is the
-w-weighted mean. Episodes are drawn from an RNG seeded by (seed, step, episode), so the run is the same
+A step is `episodes_per_step` episodes. An episode samples `targets_per_episode` fit targets and
+`subsets_per_episode` train subsets (with `own_split`: of one split); member scores s = e(t)·e(z)
+are pooled per subset with attention (Σ softmax(|s|) s; the temperature τ lives in e, see
+`tda.airrep.model`), and for every target each pair of subsets (j, k) with y_j > y_k adds
+w·softplus(−(ĝ_j − ĝ_k)), w = clamp(y_j − y_k, 0, 10); an episode's loss is the w-weighted mean.
+The untrained model (step 0) is validated too and kept when nothing after it validates better.
+Episodes are drawn from an RNG seeded by (seed, step, episode), so the run is the same
 on any number of workers: with W workers, worker r takes episodes r, r+W, …, and the gradients are
 summed across workers (torch.distributed all_reduce) and divided by the global episode count, which is
 the 1-worker gradient exactly.
@@ -79,7 +87,11 @@ class TrainConfig:
     eval_every: int = 25
     checkpoint_every: int = 25
     batch_size: int = 128  # examples per encoder forward
-    seed: int = 0
+    labels: str = "all"  # all | own_split (see the module docstring)
+    temperature: float = 1.0  # τ of the attention over f(t)·f(z): its start when learned
+    learn_temperature: bool = False
+    normalize: bool = False  # L2-normalise f before the scale
+    seed: int = 0  # episodes (the roles have their own seed)
 
 
 @dataclass
@@ -95,7 +107,7 @@ class Experiments:
     subset_role: np.ndarray  # (J,) "train" | "val"
     target_split: np.ndarray  # (m,)
     target_role: np.ndarray  # (m,) "fit" | "val" | "heldout"
-    labels: np.ndarray  # (J, m) float32, NaN where not measured (or other split)
+    labels: np.ndarray  # (J, m) float32, NaN where not measured (or, with own_split, other split)
     measured: np.ndarray | None = None  # (J, m) −loss of every measured pair, any split (validation)
 
     @property
@@ -160,12 +172,16 @@ def build_experiments(
     heldout_targets: float,
     val_fraction: float,
     seed: int,
+    labels: str = "all",
 ) -> Experiments:
     """Experiments from a split corpus table, a subsets table and an effects table (see the tables).
 
-    Only `fit` subsets are used. In the AirRep layout (a `split_id` column) a split's subsets are
-    labelled on that split's targets only; otherwise every fit subset on every target.
+    Only `fit` subsets are used. `seed` draws the roles (and only them). `labels`: `all` labels every
+    measured (fit subset, target) pair; `own_split` (in the AirRep layout, a `split_id` column) only a
+    split's subsets on that split's targets.
     """
+    if labels not in ("all", "own_split"):
+        raise DataError(f"labels {labels!r} is unknown; choose all or own_split")
     for name, frame, cols in (
         ("data", split_table, ("example_id", "prompt", "response", "split")),
         ("subsets", subsets, ("subset_id", "example_id", "purpose")),
@@ -208,13 +224,14 @@ def build_experiments(
             target_split = np.array([lookup.get(int(t), -1) for t in target_ids], dtype=np.int64)
     losses = _loss_matrix(effects, subset_ids, target_ids)
     measured = -losses.astype(np.float32)  # validation ranks subsets of every split
-    losses[subset_split[:, None] != target_split[None, :]] = np.nan
+    if labels == "own_split":
+        losses[subset_split[:, None] != target_split[None, :]] = np.nan
     subset_role = assign_roles(subset_ids, subset_split, {"val": val_fraction}, "train", seed)
     target_role = assign_roles(
         target_ids, target_split, {"heldout": heldout_targets, "val": val_fraction}, "fit", seed + 1
     )
     target_role = np.where(target_split < 0, "unused", target_role)  # not in place: "<U3" would truncate
-    labels = normalised_labels(losses, subset_role == "train")
+    label_matrix = normalised_labels(losses, subset_role == "train")
     texts = [example_text(p, r) for p, r in zip(train["prompt"], train["response"], strict=True)]
     texts += [example_text(p, r) for p, r in zip(targets["prompt"], targets["response"], strict=True)]
     exp = Experiments(
@@ -227,7 +244,7 @@ def build_experiments(
         subset_role,
         target_split,
         target_role,
-        labels,
+        label_matrix,
         measured,
     )
     check_rankable(exp, losses)
@@ -296,17 +313,20 @@ class Featurizer:
     def __call__(self, rows: np.ndarray) -> Tensor:
         """Embeddings of `rows` (len(rows), d), differentiable in the trainable parameters."""
         if self.mode == "projection":
-            return self.model.projection(self.features[torch.as_tensor(rows, device=self.device)])
+            return self.model.head(self.features[torch.as_tensor(rows, device=self.device)])
+        # batches of similar length pad little: rows sorted by length, the output put back in order
+        order = np.argsort([len(self.cache[int(r)]) for r in rows], kind="stable")
         out = []
         for i in range(0, len(rows), self.config.batch_size):
-            chunk = [self.cache[int(r)] for r in rows[i : i + self.config.batch_size]]
+            chunk = [self.cache[int(r)] for r in rows[order[i : i + self.config.batch_size]]]
             mask = _mask(chunk).to(self.device)
             padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True)
             if self.mode == "last_n_layers":
                 out.append(self.model.tail(padded, mask, self.n_layers))
             else:
                 out.append(self.model(padded, mask))
-        return torch.cat(out)
+        emb = torch.cat(out)
+        return emb[torch.as_tensor(np.argsort(order), device=emb.device)]
 
 
 def _mask(chunk: list[Tensor]) -> Tensor:
@@ -365,11 +385,14 @@ def episode(exp: Experiments, config: TrainConfig, step: int, number: int) -> Ep
     """The `number`-th episode of `step`: the same on every worker and on a resumed run."""
     rng = np.random.default_rng([config.seed, step, number])
     fit_targets = exp.target_role == "fit"
-    splits = np.unique(exp.subset_split[(exp.subset_role == "train")])
-    splits = [s for s in splits if fit_targets[exp.target_split == s].any()]
-    split = splits[int(rng.integers(len(splits)))]
-    targets = np.flatnonzero(fit_targets & (exp.target_split == split))
-    subsets = np.flatnonzero((exp.subset_role == "train") & (exp.subset_split == split))
+    train_subsets = exp.subset_role == "train"
+    if config.labels == "own_split":  # one split's targets and subsets
+        splits = np.unique(exp.subset_split[train_subsets])
+        splits = [s for s in splits if fit_targets[exp.target_split == s].any()]
+        split = splits[int(rng.integers(len(splits)))]
+        fit_targets = fit_targets & (exp.target_split == split)
+        train_subsets = train_subsets & (exp.subset_split == split)
+    targets, subsets = np.flatnonzero(fit_targets), np.flatnonzero(train_subsets)
     targets = rng.choice(targets, size=min(config.targets_per_episode, len(targets)), replace=False)
     subsets = rng.choice(subsets, size=min(config.subsets_per_episode, len(subsets)), replace=False)
     return Episode(np.sort(targets), np.sort(subsets))
@@ -450,7 +473,8 @@ def train(
         raise DataError(
             f"episodes_per_step {config.episodes_per_step} must be a multiple of num_workers {world}"
         )
-    params = model.set_trainable(config.trainable, config.n_layers)
+    model.set_temperature(config.temperature, config.normalize)
+    params = model.set_trainable(config.trainable, config.n_layers, config.learn_temperature)
     t0 = time.perf_counter()
     embed = Featurizer(model, exp.texts, config, device)
     if log:
@@ -458,8 +482,9 @@ def train(
             f"cached {config.trainable} features of {len(exp.texts)} texts in {time.perf_counter() - t0:.1f}s"
         )
     names = [k for k, p in model.named_parameters() if p.requires_grad]
-    proj = [p for k, p in model.named_parameters() if p.requires_grad and k.startswith("projection.")]
-    body = [p for k, p in model.named_parameters() if p.requires_grad and not k.startswith("projection.")]
+    head = ("projection.", "log_scale")
+    proj = [p for k, p in model.named_parameters() if p.requires_grad and k.startswith(head)]
+    body = [p for k, p in model.named_parameters() if p.requires_grad and not k.startswith(head)]
     groups = [{"params": proj, "lr": config.projection_lr or config.lr}]
     if body:
         groups.append({"params": body, "lr": config.lr})
@@ -468,6 +493,11 @@ def train(
         g["base_lr"] = g["lr"]
     start = trained_parameters(model) if config.anchor > 0 else {}
     state = _resumed(checkpoint_dir, model, optimizer, names, log)
+    if state.step == 0 and not state.history and config.eval_every and rank == 0:
+        val = validation_lds(exp, embed)  # the untrained model is a candidate too
+        state.history.append({"step": 0, "val_lds": val})
+        if math.isfinite(val):
+            state.best_lds, state.best_step, state.best_params = val, 0, trained_parameters(model)
     while state.step < config.steps:
         step = state.step
         factor = _lr_factor(step, config)

@@ -53,7 +53,7 @@ class EncoderSource:
     """Which encoder embeds: a saved AirRep folder (`airrep`) or an encoder folder (`repsim`, pooled
     features without projection)."""
 
-    kind: str  # "airrep" | "repsim"
+    kind: str  # "airrep" | "airrep-untrained" (the start of a saved AirRep) | "repsim"
     path: str | None  # None = the shipped MiniLM (repsim)
     max_tokens: int = 64
 
@@ -62,6 +62,8 @@ class EncoderSource:
 
         if self.kind == "airrep":
             return AirRep.load(self.path)
+        if self.kind == "airrep-untrained":
+            return AirRep.load_initial(self.path)
         return AirRep.from_encoder(self.path, self.max_tokens)
 
 
@@ -77,7 +79,7 @@ class _Embedder:
         self.device = resolve_device(device[0], gpus)
         self.bf16 = device[1] == "bf16" and self.device.type == "cuda"
         self.model = source.load().to(self.device)
-        self.project = source.kind == "airrep"
+        self.project = source.kind != "repsim"
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -70,6 +70,11 @@ class InfluenceScoresParams(EmbeddingStepParams):
         None, description="The `method` column of the scores (null = the method), e.g. ekfac-k256."
     )
     encoder: StepRef | None = Field(None, description="airrep: a train_airrep step.")
+    untrained: bool = Field(
+        False,
+        description="airrep: score with the model the AirRep started from (its starting encoder, the "
+        "identity projection, its starting temperature): the untrained baseline of the same recipe.",
+    )
     encoder_path: InputPath | None = Field(
         None,
         description="airrep: a saved AirRep folder; repsim: a transformers encoder folder (null = MiniLM).",
@@ -124,6 +129,10 @@ class InfluenceScoresParams(EmbeddingStepParams):
                 raise ValueError(f"method {self.method} needs `model` (a train_model step)")
             if given:
                 raise ValueError(f"method {self.method} uses `model`; drop {given[0]}")
+        if self.untrained and self.method != "airrep":
+            raise ValueError(
+                f"untrained applies to method airrep (the start of a trained AirRep), not {self.method}"
+            )
         elif self.method == "airrep" and len(given) != 1:
             raise ValueError("method airrep needs exactly one of encoder, encoder_path and mlflow_run")
         elif self.method == "repsim" and set(given) - {"encoder_path"}:
@@ -168,7 +177,8 @@ def encoder_source(params: Any, ctx: StepContext) -> Any:
         path = ctx.mlflow_artifacts(params.mlflow_run, "airrep")
     else:
         path = params.encoder_path
-    return EncoderSource("airrep", str(path))
+    untrained = getattr(params, "untrained", False)  # group_influence shares this and has no untrained
+    return EncoderSource("airrep-untrained" if untrained else "airrep", str(path))
 
 
 def embedding_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.DataFrame:
@@ -189,7 +199,7 @@ def embedding_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.Data
     )
     t0 = time.perf_counter()
     frame = score_frame(
-        params.method,
+        params.label or params.method,
         emb.target_ids,
         emb.targets,
         emb.train_ids,
@@ -315,7 +325,10 @@ def influence_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.Data
             **{k: float(v) for k, v in info.items() if isinstance(v, int | float)},
         }
     )
+    if params.label:
+        frame = frame.with_columns(pl.lit(params.label, dtype=pl.String).alias("method"))
     return frame
 
 
-STEP = StepKind("influence_scores", InfluenceScoresParams, influence_scores, version="1")
+# version 2: `label` names the scores of every method (version 1 applied it to feature methods only)
+STEP = StepKind("influence_scores", InfluenceScoresParams, influence_scores, version="2")

@@ -98,7 +98,28 @@ class TrainAirRepParams(StepParams):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (also its torch threads).")
     use_gpu: bool = Field(False, description="One GPU per worker (nccl); else CPU (gloo).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts Ray Train allows.")
-    seed: int | None = Field(None, description="Seed of roles and episodes (null = the spec's seed).")
+    labels: Literal["all", "own_split"] = Field(
+        "all",
+        description="Which (target, subset) pairs are labels: all = every fit target on every train subset "
+        "(targets are never in a pool, so each pair is a valid effect); own_split = a split's subsets on "
+        "its own targets only (the AirRep paper's layout).",
+    )
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="τ of the attention Σ softmax(|s|/τ)·s over raw dot products (the start value when "
+        "learned); folded into the embeddings as 1/√τ, so every scorer uses it.",
+    )
+    learn_temperature: bool = Field(False, description="Train τ along with the projection.")
+    normalize: bool = Field(
+        False, description="L2-normalise the projected embeddings (then τ scales cosines)."
+    )
+    seed: int | None = Field(None, description="Seed of the episodes (null = the spec's seed).")
+    role_seed: int | None = Field(
+        None,
+        description="Seed of the target and subset roles (null = the spec's seed): independent of `seed`, "
+        "so a new training seed keeps the held-out targets.",
+    )
     resources: Resources = Field(
         default_factory=lambda: Resources(num_cpus=0),
         description="Ray resources of the driver task (the workers reserve their own).",
@@ -131,6 +152,10 @@ class TrainAirRepParams(StepParams):
         keys = [name for name in TrainConfig.__dataclass_fields__ if name != "seed"]
         return {k: getattr(self, k) for k in keys} | {"seed": self.seed or 0}
 
+    @property
+    def roles_seed(self) -> int:
+        return self.role_seed if self.role_seed is not None else (self.seed or 0)
+
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: load the encoder, train (resuming from the latest checkpoint), rank 0 saves."""
@@ -161,12 +186,13 @@ def _worker_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         tmp = scratch / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.cpu().save(tmp)
+        model.cpu().save(tmp, initial=config["initial"])
         summary = {
             "history": state.history,
             "best_step": state.best_step,
             "best_val_lds": state.best_lds,
             "resumed_from": state.resumed_from,
+            "temperature": model.temperature,
             "seconds": time.perf_counter() - t0,
         }
         (tmp / "history.json").write_text(json.dumps(summary))
@@ -216,9 +242,11 @@ def train_airrep(params: TrainAirRepParams, ctx: StepContext) -> pl.DataFrame:
         ctx.table(params.effects).collect(),
         heldout_targets=params.heldout_targets,
         val_fraction=params.val_fraction,
-        seed=params.seed or 0,
+        seed=params.roles_seed,
+        labels=params.labels,
     )
     encoder = str(params.encoder or default_encoder_path())
+    initial = {"encoder": params.encoder, "temperature": params.temperature, "normalize": params.normalize}
     scratch = ctx.scratch_dir
     config = {
         "experiments": ray.put(exp),
@@ -227,6 +255,7 @@ def train_airrep(params: TrainAirRepParams, ctx: StepContext) -> pl.DataFrame:
         "cpus_per_worker": params.cpus_per_worker,
         "use_gpu": params.use_gpu,
         "scratch": str(scratch),
+        "initial": initial,
         "train": params.train_config(),
     }
     per_worker = {"CPU": params.cpus_per_worker, **({"GPU": 1} if params.use_gpu else {})}
@@ -267,6 +296,10 @@ def train_airrep(params: TrainAirRepParams, ctx: StepContext) -> pl.DataFrame:
             "fit_targets": int((exp.target_role == "fit").sum()),
             "heldout_targets": int((exp.target_role == "heldout").sum()),
             "train_subsets": int((exp.subset_role == "train").sum()),
+            "labels": int(
+                np.isfinite(exp.labels[exp.subset_role == "train"][:, exp.target_role == "fit"]).sum()
+            ),
+            "temperature": summary.get("temperature", params.temperature),
         }
     )
     return pl.DataFrame(
@@ -278,4 +311,4 @@ def train_airrep(params: TrainAirRepParams, ctx: StepContext) -> pl.DataFrame:
     )
 
 
-STEP = StepKind("train_airrep", TrainAirRepParams, train_airrep, version="1")
+STEP = StepKind("train_airrep", TrainAirRepParams, train_airrep, version="2")

@@ -215,7 +215,8 @@ def test_set_trainable(model):
     assert all(layer_names.values())
     assert trained("last_n_layers", 1) == projection | layer_names[5]
     assert trained("last_n_layers", 2) == projection | layer_names[4] | layer_names[5]
-    assert trained("all") == all_names
+    assert trained("all") == all_names - {"log_scale"}  # the temperature trains only when asked
+    assert any(p is model.log_scale for p in model.set_trainable("projection", temperature=True))
     assert trained("projection") == projection  # switching back freezes the body again
     for bad in (0, 7):
         with pytest.raises(ModelError) as exc:
@@ -405,7 +406,9 @@ def test_build_experiments_airrep_layout():
     subsets = subsets_table(rows)
     loss = {(s, t): 2.0 + math.sin(3 * s + t) for s in range(7) for t in range(100, 105)}  # all pairs
     effects = effects_table([(s, t, v) for (s, t), v in loss.items()])
-    exp = build_experiments(data, subsets, effects, heldout_targets=0.0, val_fraction=0.0, seed=0)
+    exp = build_experiments(
+        data, subsets, effects, heldout_targets=0.0, val_fraction=0.0, seed=0, labels="own_split"
+    )
     assert exp.subset_ids.tolist() == [0, 1, 2, 3, 4, 5]
     assert exp.subset_split.tolist() == [0, 0, 0, 1, 1, 1]
     assert exp.target_split.tolist() == [0, 0, 1, 1, -1]
@@ -415,6 +418,21 @@ def test_build_experiments_airrep_layout():
     split0 = np.array([[loss[s, t] for t in (100, 101)] for s in range(3)])
     np.testing.assert_allclose(exp.labels[:3, :2], normalised_labels(split0, np.ones(3, bool)), rtol=1e-6)
     assert [sorted(m.tolist()) for m in exp.members][3:] == [[4, 5], [5, 6], [6, 7]]
+    # the default: every measured (fit subset, target) pair is a label, across splits: on the 4 split
+    # targets twice the own-split labels (the 12 cross-split pairs: split 1's subsets on split 0's
+    # targets and the reverse), and the target outside every split too
+    every = build_experiments(data, subsets, effects, heldout_targets=0.0, val_fraction=0.0, seed=0)
+    assert np.isfinite(exp.labels).sum() == 12 and np.isfinite(every.labels[:, :4]).sum() == 24
+    assert np.isfinite(every.labels).all() and np.isfinite(every.labels[:, :4][~same[:, :4]]).sum() == 12
+    all_losses = np.array([[loss[s, t] for t in range(100, 105)] for s in range(6)])
+    np.testing.assert_allclose(every.labels, normalised_labels(all_losses, np.ones(6, bool)), rtol=1e-6)
+    np.testing.assert_array_equal(every.target_role, exp.target_role)  # the roles do not depend on it
+    # a pair the effects never measured stays unlabelled under either setting
+    partial = effects.filter(~((pl.col("subset_id") == 4) & (pl.col("target_id") == 100)))
+    gap = build_experiments(data, subsets, partial, heldout_targets=0.0, val_fraction=0.0, seed=0)
+    assert np.isnan(gap.labels[4, 0]) and np.isfinite(gap.labels).sum() == 6 * 5 - 1
+    with pytest.raises(DataError, match="labels 'some' is unknown"):
+        build_experiments(data, subsets, effects, heldout_targets=0, val_fraction=0, seed=0, labels="some")
 
 
 def test_build_experiments_errors():
@@ -462,9 +480,13 @@ def airrep_layout(n_splits: int, pool: int, targets: int, n_subsets: int, size: 
 
 def test_episode_determinism():
     exp = build_experiments(
-        *airrep_layout(3, 10, 8, 12, 4, seed=0), heldout_targets=0.25, val_fraction=0.25, seed=0
+        *airrep_layout(3, 10, 8, 12, 4, seed=0),
+        heldout_targets=0.25,
+        val_fraction=0.25,
+        seed=0,
+        labels="own_split",
     )
-    config = TrainConfig(targets_per_episode=3, subsets_per_episode=5, seed=4)
+    config = TrainConfig(targets_per_episode=3, subsets_per_episode=5, seed=4, labels="own_split")
     seen = set()
     for step in range(6):
         for number in range(3):
@@ -480,14 +502,24 @@ def test_episode_determinism():
             }
             seen.add((int(exp.subset_split[ep.subsets[0]]), tuple(ep.targets), tuple(ep.subsets)))
     assert len(seen) == 18 and len({s for s, _, _ in seen}) == 3  # they differ, over all the splits
-    other = episode(exp, TrainConfig(targets_per_episode=3, subsets_per_episode=5, seed=5), 0, 0)
+    other = episode(
+        exp, TrainConfig(targets_per_episode=3, subsets_per_episode=5, seed=5, labels="own_split"), 0, 0
+    )
     first = episode(exp, config, 0, 0)
     assert not (np.array_equal(other.targets, first.targets) and np.array_equal(other.subsets, first.subsets))
     # asking for more than there are gives all of them
-    big = episode(exp, TrainConfig(targets_per_episode=100, subsets_per_episode=100), 0, 0)
+    big = episode(
+        exp, TrainConfig(targets_per_episode=100, subsets_per_episode=100, labels="own_split"), 0, 0
+    )
     split = exp.subset_split[big.subsets[0]]
     assert len(big.targets) == ((exp.target_role == "fit") & (exp.target_split == split)).sum()
     assert len(big.subsets) == ((exp.subset_role == "train") & (exp.subset_split == split)).sum()
+    # labels: all (the default) draws fit targets and train subsets across the splits
+    mixed = [episode(exp, TrainConfig(targets_per_episode=6, subsets_per_episode=8), 0, n) for n in range(8)]
+    assert any(len(set(exp.subset_split[ep.subsets]) | set(exp.target_split[ep.targets])) > 1 for ep in mixed)
+    everything = episode(exp, TrainConfig(targets_per_episode=100, subsets_per_episode=100), 0, 0)
+    assert len(everything.targets) == (exp.target_role == "fit").sum()
+    assert len(everything.subsets) == (exp.subset_role == "train").sum()
 
 
 @pytest.mark.parametrize("mode", ["projection", "last_n_layers", "all"])
@@ -596,11 +628,12 @@ def test_training_raises_validation_lds(base):
     untrained_heldout = validation_lds(exp, features, role="heldout")
     reported: list[dict] = []
     state = train(model, exp, config, report=reported.append)
-    assert [h["step"] for h in state.history] == list(range(1, 61)) and state.step == 60
-    losses = np.array([h["loss"] for h in state.history])
+    assert [h["step"] for h in state.history] == list(range(0, 61)) and state.step == 60
+    assert state.history[0] == {"step": 0, "val_lds": pytest.approx(untrained)}  # step 0 is a candidate
+    losses = np.array([h["loss"] for h in state.history[1:]])
     assert np.isfinite(losses).all() and losses[-10:].mean() < 0.85 * losses[:10].mean()
-    vals = [h["val_lds"] for h in state.history if "val_lds" in h]
-    assert len(vals) == 6 and state.best_lds == max(vals)
+    vals = [h["val_lds"] for h in state.history[1:] if "val_lds" in h]
+    assert len(vals) == 6 and state.best_lds == max(vals) and state.best_step > 0
     assert state.best_lds > untrained + 0.1, (untrained, vals)
     assert np.mean(np.array(vals) > untrained) >= 0.5, (untrained, vals)  # not one lucky evaluation
     # the model holds the best parameters, and the targets never seen rank better too
@@ -638,7 +671,7 @@ def test_checkpoint_resume_is_deterministic(base, tmp_path):
 
     # a finished 20-step run, then the same folder with steps: 30 continues at step 21
     first = train(reset_projection(model), exp, config(20, eval_every=10), checkpoint_dir=tmp_path / "a")
-    assert [h["step"] for h in first.history] == list(range(1, 21))
+    assert [h["step"] for h in first.history] == list(range(0, 21))
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["step-0000010", "step-0000020"]
     logs: list[str] = []
     more = train(
@@ -649,7 +682,7 @@ def test_checkpoint_resume_is_deterministic(base, tmp_path):
         log=logs.append,
     )
     assert "resumed from step-0000020 (step 20)" in logs
-    assert [h["step"] for h in more.history] == list(range(1, 31)) and more.history[:20] == first.history
+    assert [h["step"] for h in more.history] == list(range(0, 31)) and more.history[:21] == first.history
     assert not any(line.startswith("step 1/") for line in logs) and "step 21/30" in " ".join(logs)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["step-0000020", "step-0000030"]
     assert sorted(p.name for p in (tmp_path / "a" / "step-0000030").iterdir()) == [
@@ -658,7 +691,7 @@ def test_checkpoint_resume_is_deterministic(base, tmp_path):
     ]
     # the best parameters so far travel in the checkpoint: the model ends on them
     vals = {h["step"]: h["val_lds"] for h in more.history if "val_lds" in h}
-    assert list(vals) == [10, 20, 30] and more.best_lds == max(vals.values()) == vals[more.best_step]
+    assert list(vals) == [0, 10, 20, 30] and more.best_lds == max(vals.values()) == vals[more.best_step]
     assert vals[30] < more.best_lds  # (these data make the best an earlier step, so this checks something)
     features = Featurizer(model, exp.texts, config(30))
     assert validation_lds(exp, features) == pytest.approx(more.best_lds, abs=1e-9)
@@ -834,3 +867,112 @@ def test_last_n_layers_trains_only_the_tail(model):
     changed = {k for k, p in model.named_parameters() if not torch.equal(p, before[k])}
     tail = {k for k in before if k.startswith("encoder.encoder.layer.5.")}
     assert changed == tail | {"projection.weight", "projection.bias"}
+
+
+def test_step_0_wins_when_training_only_hurts(base):
+    """Training on labels that contradict the validation targets: the untrained start validates best,
+    so it is the one kept (parameters and all)."""
+    exp = build_experiments(
+        *topic_tables(n_pool=12, n_targets=16, n_subsets=64, size=6, seed=3),
+        heldout_targets=0.25,
+        val_fraction=0.25,
+        seed=3,
+    )
+    exp.labels = -exp.labels  # fit targets now reward other topics; validation reads the measured losses
+    model = reset_projection(copy.deepcopy(base))
+    config = TrainConfig(
+        trainable="projection", steps=30, lr=1e-2, warmup_steps=2, eval_every=10, checkpoint_every=1000
+    )
+    state = train(model, exp, config)
+    vals = {h["step"]: h["val_lds"] for h in state.history if "val_lds" in h}
+    assert list(vals) == [0, 10, 20, 30] and max(vals[10], vals[20], vals[30]) < vals[0]
+    assert state.best_step == 0 and state.best_lds == vals[0]
+    assert torch.equal(model.projection.weight, torch.eye(model.dim)) and not model.projection.bias.any()
+
+
+def test_temperature_is_the_attention_temperature(model, tmp_path):
+    """e = f/√τ: attention over e·e is (1/τ)·attention at temperature τ over the raw f·f."""
+    texts = TEXTS
+    raw = model.embed(texts)  # τ = 1
+    r = raw[:2] @ raw[2:].T  # (2 targets, 2 members)
+    model.set_temperature(7.5)
+    assert model.temperature == pytest.approx(7.5)
+    e = model.embed(texts)
+    s = e[:2] @ e[2:].T
+    torch.testing.assert_close(s, r / 7.5, rtol=1e-4, atol=1e-5)
+    expected = (torch.softmax(r.abs() / 7.5, dim=-1) * r).sum(-1) / 7.5
+    torch.testing.assert_close(attention_pool(s), expected, rtol=1e-4, atol=1e-6)
+    # normalised: cosines over τ
+    model.set_temperature(0.5, normalize=True)
+    cos = torch.nn.functional.normalize(raw, dim=-1)
+    torch.testing.assert_close(model.embed(texts), cos / math.sqrt(0.5), rtol=1e-4, atol=1e-5)
+    # both survive save/load; the untrained start is recorded and rebuilt
+    model.save(tmp_path / "m", initial={"encoder": None, "temperature": 3.0, "normalize": False})
+    loaded = AirRep.load(tmp_path / "m")
+    assert loaded.temperature == pytest.approx(0.5) and loaded.normalize
+    torch.testing.assert_close(loaded.embed(texts), model.embed(texts), rtol=1e-5, atol=1e-5)
+    start = AirRep.load_initial(tmp_path / "m")
+    assert start.temperature == pytest.approx(3.0) and not start.normalize
+    assert torch.equal(start.projection.weight, torch.eye(start.dim))
+    with pytest.raises(ModelError, match="does not record where training started"):
+        AirRep.load_initial(reset_projection(model).save(tmp_path / "old"))
+    with pytest.raises(ModelError, match="must be positive"):
+        model.set_temperature(0.0)
+
+
+def test_learned_temperature_trains_only_when_asked(base):
+    exp = build_experiments(
+        *topic_tables(n_pool=4, n_targets=4, n_subsets=16, size=3, seed=2),
+        heldout_targets=0.0,
+        val_fraction=0.25,
+        seed=2,
+    )
+    for learn in (False, True):
+        model = reset_projection(copy.deepcopy(base))
+        config = TrainConfig(
+            trainable="projection",
+            steps=5,
+            lr=1e-2,
+            warmup_steps=1,
+            eval_every=0,
+            checkpoint_every=1000,
+            temperature=4.0,
+            learn_temperature=learn,
+        )
+        train(model, exp, config)
+        moved = abs(model.temperature - 4.0) > 1e-4
+        assert moved == learn and model.log_scale.requires_grad == learn
+
+
+def test_training_seed_leaves_the_roles(tmp_path):
+    """The roles come from role_seed (the spec's seed when null), episodes from seed: a new training
+    seed keeps the held-out targets where they were."""
+    from pipelines import load_spec
+    from tda.steps.train_airrep import TrainAirRepParams
+
+    tables = airrep_layout(2, 10, 20, 8, 4, seed=0)
+    base = {"data": "d", "subsets": "s", "effects": "e", "trainable": "projection"}
+    roles = {}
+    for seed in (1, 2):
+        params = TrainAirRepParams(**base, seed=seed, role_seed=0)
+        exp = build_experiments(
+            *tables, heldout_targets=0.5, val_fraction=0.2, seed=params.roles_seed, labels=params.labels
+        )
+        roles[seed] = (exp.target_role, exp.subset_role)
+        assert params.train_config()["seed"] == seed
+    assert np.array_equal(roles[1][0], roles[2][0]) and np.array_equal(roles[1][1], roles[2][1])
+    other = build_experiments(*tables, heldout_targets=0.5, val_fraction=0.2, seed=9)
+    assert not np.array_equal(other.target_role, roles[1][0])  # the role seed does move them
+    # in a spec, a null role_seed is the spec's seed whatever the step's training seed
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        "version: 1\nname: s\nseed: 4\nsteps:\n  corpus: {kind: synthetic_instructions, n_examples: 30}\n"
+        "  data: {kind: split, data: corpus, n_targets: 10}\n"
+        "  subsets: {kind: sample_subsets, data: data, n_subsets: 4, subset_size: 5}\n"
+        "  effects: {kind: subset_effects, model: m, data: data, subsets: subsets}\n"
+        "  tok: {kind: train_tokenizer, corpus: data, vocab_size: 300}\n"
+        "  m: {kind: train_model, data: data, family: causal_lm, tokenizer: tok}\n"
+        "  airrep: {kind: train_airrep, data: data, subsets: subsets, effects: effects, seed: 11}\n"
+    )
+    step = load_spec(spec).steps["airrep"]
+    assert step.seed == 11 and step.role_seed == 4 and step.roles_seed == 4

@@ -82,6 +82,13 @@ SCORING = """
     data: data
     method: airrep
     encoder: airrep
+  airrep_untrained:
+    kind: influence_scores
+    data: data
+    method: airrep
+    encoder: airrep
+    untrained: true
+    label: airrep-untrained
   repsim:
     kind: influence_scores
     data: data
@@ -100,16 +107,17 @@ SCORING = """
     encoder: airrep
   lds:
     kind: evaluate_lds
-    scores: [airrep_scores, repsim]
+    scores: [airrep_scores, airrep_untrained, repsim]
     subsets: subsets
     effects: effects
     aggregation: [attention, sum]
   summary:
     kind: attribution_summary
     lds: [lds]
-    scores: [airrep_scores, repsim]
+    scores: [airrep_scores, airrep_untrained, repsim]
     data: data
     roles: airrep
+    compare: [[airrep, airrep-untrained], [airrep, repsim]]
 """
 
 
@@ -153,15 +161,39 @@ def test_study_tables(one_worker):
     assert repsim["score"].max() <= 1.0 + 1e-5  # cosine
     lds = one_worker.table("lds").collect()
     assert set(zip(lds["method"], lds["aggregation"], strict=True)) == {
-        (m, a) for m in ("airrep", "repsim") for a in ("attention", "sum")
+        (m, a) for m in ("airrep", "airrep-untrained", "repsim") for a in ("attention", "sum")
     }
+    # the untrained start: MiniLM's pooled features (τ = 1, identity projection), plain dot products
+    untrained = one_worker.table("airrep_untrained").collect()
+    assert set(untrained["method"]) == {"airrep-untrained"} and untrained.height == 40 * 160
+    cosine = repsim.join(untrained, on=["target_id", "example_id"], suffix="_dot")
+    assert (cosine["score_dot"] > cosine["score"]).all()  # unnormalised: ‖e‖² ≫ 1
     groups = one_worker.table("group_scores").collect()
     assert set(groups["method"]) == {"airrep-attention", "airrep-sum"}
     assert groups.height == 2 * 40 * groups["group_id"].n_unique()
     summary = one_worker.table("summary").collect()
     assert set(summary["targets"]) == {"fit", "val", "heldout"}
     assert summary.filter(pl.col("method") == "airrep")["examples_per_second"].min() > 0
-    assert summary["type_at_1"].is_between(0, 1).all()
+    methods = summary.filter(~pl.col("method").str.contains(" − "))
+    assert methods["type_at_1"].is_between(0, 1).all()
+    # every LDS has its bootstrap interval; the compared pairs have paired rows
+    with_lds = summary.filter(pl.col("lds").is_not_null())
+    assert (with_lds["lds_low"] <= with_lds["lds"] + 1e-12).all()
+    assert (with_lds["lds"] <= with_lds["lds_high"] + 1e-12).all()
+    pairs = summary.filter(pl.col("method").str.contains(" − "))
+    assert set(pairs["method"]) == {"airrep − airrep-untrained", "airrep − repsim"}
+    assert set(zip(pairs["aggregation"], pairs["targets"], strict=True)) == {
+        (a, t) for a in ("attention", "sum") for t in ("fit", "val", "heldout")
+    }
+    lds_roles = lds.join(roles.select("target_id", "role"), on="target_id")
+    for row in pairs.filter(pl.col("method") == "airrep − repsim").iter_rows(named=True):
+        per = lds_roles.filter(
+            (pl.col("aggregation") == row["aggregation"]) & (pl.col("role") == row["targets"])
+        )
+        a = per.filter(pl.col("method") == "airrep").sort("target_id")["spearman"]
+        b = per.filter(pl.col("method") == "repsim").sort("target_id")["spearman"]
+        diff = (a - b).fill_nan(None).drop_nulls()
+        assert row["lds"] == pytest.approx(diff.mean()) and row["n_targets"] == len(diff)
     metrics = one_worker.output("airrep").manifest["metrics"]
     assert metrics["heldout_targets"] == 20 and "best_val_lds" in metrics
 
@@ -190,8 +222,8 @@ def test_airrep_artifact_loads_back_by_mlflow_run_id(one_worker, tmp_path, track
 def test_two_workers_match_one_worker(one_worker, tmp_path, tracking_uri):
     """Same global batch (episodes_per_step 2): the 2-worker loss curve equals the 1-worker one."""
     two = run_study(tmp_path / "two", study(12, 2), tracking_uri)
-    h1 = [r["loss"] for r in history(one_worker)["history"]]
-    h2 = [r["loss"] for r in history(two)["history"]]
+    h1 = [r["loss"] for r in history(one_worker)["history"] if "loss" in r]
+    h2 = [r["loss"] for r in history(two)["history"] if "loss" in r]
     assert len(h1) == len(h2) == 12
     assert max(abs(a - b) for a, b in zip(h1, h2, strict=True)) < 1e-5
 
@@ -233,10 +265,11 @@ def test_killed_worker_resumes_from_latest_checkpoint(one_worker, tmp_path, trac
     run = result["run"]
     summary = history(run)
     assert summary["resumed_from"] and summary["resumed_from"][0] >= 2
-    assert [r["step"] for r in summary["history"]] == list(range(1, 25))
+    assert [r["step"] for r in summary["history"]] == list(range(0, 25))  # step 0: validation only
     reference = run_study(tmp_path / "reference", study(24, 2), tracking_uri)
-    a = [r["loss"] for r in summary["history"]]
-    b = [r["loss"] for r in history(reference)["history"]]
+    a = [r["loss"] for r in summary["history"] if "loss" in r]
+    b = [r["loss"] for r in history(reference)["history"] if "loss" in r]
+    assert len(a) == len(b) == 24
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
 
 
