@@ -8,7 +8,8 @@ trained on, never used for model selection), attention and sum aggregation; RepS
 
     .venv/bin/python benchmarks/airrep_scaling.py [--store tda-store] [--run RUN_ID]
 
-Writes benchmarks/results/airrep_scaling.json and prints a table.
+Writes benchmarks/results/airrep_scaling.json and prints a table. It predates `labels: all` and keeps
+the own-split labels of its time; `benchmarks/airrep_study.py` is the current study.
 """
 
 from __future__ import annotations

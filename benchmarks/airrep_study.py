@@ -40,7 +40,17 @@ from tda.evaluation.lds import lds
 from tda.steps.attribution_summary import bootstrap_interval
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("baselines", "temperature", "labels", "targets", "subsets", "trainable", "steps", "cost")
+PARTS = (
+    "baselines",
+    "temperature",
+    "labels",
+    "targets",
+    "subsets",
+    "trainable",
+    "last_layer",
+    "steps",
+    "cost",
+)
 
 
 def labels_used(exp: T.Experiments) -> int:
@@ -269,6 +279,13 @@ class Study:
                        steps=steps // 5, **small, **chosen),
         ]  # fmt: skip
 
+    def last_layer(self, chosen: dict) -> list[dict]:
+        """The last layer trained with exactly the frozen recipe's steps and episodes."""
+        return [
+            self.train("airrep last layer (300 steps, 8 subsets/episode)", trainable="last_n_layers",
+                       n_layers=1, lr=2e-5, **chosen)
+        ]  # fmt: skip
+
     def cost(self, rows: int = 512) -> list[dict]:
         """Inference cost per example at matched dimension, in this process on the same rows and threads:
         AirRep's embedding (MiniLM forward + projection: 384-d) against LoGra features of the scored LM
@@ -385,6 +402,8 @@ def main() -> None:
             rows = study.subsets_part(chosen)
         elif part == "trainable":
             rows = study.trainable(chosen, args.layer_steps)
+        elif part == "last_layer":
+            rows = study.last_layer(chosen)
         elif part == "cost":
             result[part] = study.cost()
             continue
