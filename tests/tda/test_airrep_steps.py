@@ -166,8 +166,9 @@ def test_study_tables(one_worker):
     # the untrained start: MiniLM's pooled features (τ = 1, identity projection), plain dot products
     untrained = one_worker.table("airrep_untrained").collect()
     assert set(untrained["method"]) == {"airrep-untrained"} and untrained.height == 40 * 160
-    cosine = repsim.join(untrained, on=["target_id", "example_id"], suffix="_dot")
-    assert (cosine["score_dot"] > cosine["score"]).all()  # unnormalised: ‖e‖² ≫ 1
+    assert untrained["score"].max() > 1.5  # unnormalised dot products, not cosines
+    both = airrep.join(untrained, on=["target_id", "example_id"], suffix="_untrained")
+    assert (both["score"] - both["score_untrained"]).abs().max() > 1e-3  # not the trained model
     groups = one_worker.table("group_scores").collect()
     assert set(groups["method"]) == {"airrep-attention", "airrep-sum"}
     assert groups.height == 2 * 40 * groups["group_id"].n_unique()
@@ -211,7 +212,9 @@ def test_airrep_artifact_loads_back_by_mlflow_run_id(one_worker, tmp_path, track
     assert len(runs) == 1
     run_id = runs[0].info.run_id
     text = (one_worker.store.root.parent / "spec.yaml").read_text()
-    text = text.replace("    encoder: airrep\n  repsim:", f"    mlflow_run: {run_id}\n  repsim:")
+    head = "    encoder: airrep\n  airrep_untrained:"
+    assert head in text
+    text = text.replace(head, f"    mlflow_run: {run_id}\n  airrep_untrained:")
     again = run_study(one_worker.store.root.parent, text, tracking_uri)
     assert not again.steps["airrep_scores"]["cached"]
     a = again.table("airrep_scores").collect().sort("target_id", "example_id")
