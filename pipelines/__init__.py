@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.context import StepContext
+from pipelines.context import Reporter, StepContext
 from pipelines.errors import PipelineError, RunFailed, SpecError, StepFailed, StoreError
 from pipelines.params import InputPath, Resources, StepParams, StepRef, StorePath
 from pipelines.query import Run, open_run
@@ -35,6 +35,7 @@ def run(spec: Any, **options: Any) -> Run:
 __all__ = [
     "InputPath",
     "PipelineError",
+    "Reporter",
     "Resources",
     "Run",
     "RunFailed",

@@ -18,7 +18,7 @@ import importlib.metadata
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +46,40 @@ class Executor:
 
 
 @dataclass
+class Reporter:
+    """Sends a step's progress and metrics to the driver while the step runs.
+
+    `channel` has `put_nowait(item)` (a `ray.util.queue.Queue` under the runner; None sends nowhere).
+    It pickles, so the step's own Ray tasks and Ray Train workers can hold it. Progress is sent at most
+    once per `interval` seconds, and always when done == total; sending is best effort (a lost event
+    costs a progress line, never the step).
+    """
+
+    step: str = ""
+    channel: Any = None
+    interval: float = 1.0
+    _last: float = field(default=0.0, repr=False)
+
+    def progress(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < self.interval:
+            return
+        self._last = now
+        self._send({"type": "progress", "done": int(done), "total": int(total)})
+
+    def metrics(self, values: Sequence[tuple[str, float, int | None]]) -> None:
+        """(name, value, step) triples, stamped now."""
+        if values:
+            self._send({"type": "metrics", "values": list(values), "time": time.time()})
+
+    def _send(self, event: dict[str, Any]) -> None:
+        if self.channel is None:
+            return
+        with contextlib.suppress(Exception):
+            self.channel.put_nowait({"step": self.step, **event})
+
+
+@dataclass
 class StepContext:
     """A step's view of the run: its inputs, its output folders, metrics and fan-out."""
 
@@ -57,6 +91,9 @@ class StepContext:
     executor: Executor = field(default_factory=Executor)
     metrics: list[tuple[str, float, int | None]] = field(default_factory=list)
     tracking_uri: str | None = None
+    reporter: Reporter = field(default_factory=Reporter)
+    _unsent: list[tuple[str, float, int | None]] = field(default_factory=list, repr=False)
+    _sent_at: float = field(default=0.0, repr=False)
 
     @property
     def data_dir(self) -> Path:
@@ -92,19 +129,38 @@ class StepContext:
         return download_artifacts(self.tracking_uri, run_id, path, self.scratch_dir / "mlflow" / run_id)
 
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
-        self.metrics.append((name, float(value), step))
+        self.log_metrics({name: value}, step)
 
     def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
-        for name, value in values.items():
-            self.log_metric(name, value, step)
+        """Metrics of the step's MLflow run: streamed to it while the step runs (at most once a second;
+        the rest when the step ends), and kept in the manifest (the last value of each)."""
+        triples = [(name, float(value), step) for name, value in values.items()]
+        self.metrics.extend(triples)
+        self._unsent.extend(triples)
+        if time.monotonic() - self._sent_at >= self.reporter.interval:
+            self.reporter.metrics(self._unsent)
+            self._unsent, self._sent_at = [], time.monotonic()
+
+    def progress(self, done: int, total: int) -> None:
+        """Report `done` of `total` units of work (shown live and as `name: done/total` log lines)."""
+        self.reporter.progress(done, total)
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], **options: Any) -> list[Any]:
         """`[fn(x) for x in items]`, one task per item (Ray options: num_cpus, num_gpus, …)."""
         return self.executor.map(fn, list(items), **options)
 
-    def imap_unordered(self, fn: Callable[[Any], Any], items: Iterable[Any], **options: Any) -> Iterable[Any]:
-        """Like `map`, yielding results as tasks finish, so a step can persist them as they come."""
-        return self.executor.imap_unordered(fn, list(items), **options)
+    def imap_unordered(
+        self, fn: Callable[[Any], Any], items: Iterable[Any], *, progress: bool = True, **options: Any
+    ) -> Iterator[Any]:
+        """Like `map`, yielding results as tasks finish, so a step can persist them as they come. Reports
+        tasks done/total as the step's progress, unless `progress=False` (a step counting its own units)."""
+        items = list(items)
+        if progress:
+            self.progress(0, len(items))
+        for done, result in enumerate(self.executor.imap_unordered(fn, items, **options), start=1):
+            if progress:
+                self.progress(done, len(items))
+            yield result
 
 
 def _mkdir(path: Path) -> Path:
@@ -127,6 +183,7 @@ class StepJob:
     replace: bool = False  # a forced re-run replaces the stored object of the same key
     tracking_uri: str | None = None
     run_id: str = "_"  # the run that executes it: owner of its staging folder
+    reporter: Reporter = field(default_factory=Reporter)  # its progress and live metrics
 
 
 @dataclass
@@ -184,7 +241,16 @@ def execute_step(job: StepJob, executor: Executor | None = None) -> StepOutcome:
     store = Store.open(job.store_root)
     executor = executor or Executor()
     staging = store.staging_dir(job.key, job.run_id)
-    ctx = StepContext(job.name, job.key, store, staging, job.inputs, executor, tracking_uri=job.tracking_uri)
+    ctx = StepContext(
+        job.name,
+        job.key,
+        store,
+        staging,
+        job.inputs,
+        executor,
+        tracking_uri=job.tracking_uri,
+        reporter=job.reporter,
+    )
     started, t0 = now_iso(), time.perf_counter()
     try:
         result = job.fn(job.params, ctx)

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+PROGRESS_LINE_S = 10.0  # a non-interactive run prints a step's progress at most this often
+
 STYLES = {
     "pending": "dim",
     "waiting": "dim",
@@ -38,12 +40,17 @@ def summary_table(steps: dict[str, dict[str, Any]], title: str = "") -> Table:
         status = info.get("status", "pending")
         rows = info.get("rows")
         secs = info.get("seconds")
+        if status == "running" and info.get("progress"):
+            done, total = info["progress"]
+            shown = f"{done:,}/{total:,}"
+        else:
+            shown = "" if rows is None else f"{rows:,}"
         table.add_row(
             name,
             info.get("kind", ""),
             f"[{STYLES.get(status, '')}]{status}[/]",
             "yes" if info.get("cached") else "no",
-            "" if rows is None else f"{rows:,}",
+            shown,
             "" if secs is None else f"{secs:.2f}",
         )
     return table
@@ -62,6 +69,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self.phase = "running"
         self._live: Live | None = None
+        self._said: dict[str, float] = {}  # step -> when its last progress line was printed
 
     def _render(self) -> Table:
         now = time.perf_counter()
@@ -105,3 +113,16 @@ class Progress:
             detail = f": {info.get('error', '')}"
         elapsed = time.perf_counter() - self.t0
         print(f"[{elapsed:7.1f}s] {name}: {info['status']}{detail}", file=sys.stderr, flush=True)
+
+    def advanced(self, name: str, every: float = PROGRESS_LINE_S) -> None:
+        """Note new progress of a running step: the live table shows it; without a terminal, a line
+        `name: done/total` when the first units are done, then at most once per `every` seconds."""
+        if not self.enabled or self.live_mode:
+            return
+        done, total = self.steps[name]["progress"]
+        now = time.perf_counter()
+        last = self._said.get(name)
+        if done == 0 or (last is not None and now - last < every):
+            return
+        self._said[name] = now
+        print(f"[{now - self.t0:7.1f}s] {name}: {done:,}/{total:,}", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ one Ray task with the step's `resources` and `retries`, and may fan out further 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import registry
-from pipelines.context import Executor, StepJob, StepOutcome, execute_step
+from pipelines.context import Executor, Reporter, StepJob, StepOutcome, execute_step
 from pipelines.dag import Dag, build_dag, find_refs
 from pipelines.errors import PipelineError, RunFailed, SpecError
 from pipelines.exports import export_to_store
@@ -427,6 +428,40 @@ def _run_cached(state: _State) -> None:
             state.progress.changed(name)
 
 
+POLL_S = 1.0  # how often the driver takes in the steps' progress and live metrics
+
+
+def _event_channel() -> Any:
+    """A Ray queue the running steps send progress and metrics through (an actor that holds no CPU)."""
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0})
+
+
+def _take_events(state: _State, channel: Any) -> None:
+    """Show the steps' progress; stream their metrics into their MLflow runs."""
+    try:
+        events = channel.get_nowait_batch(channel.qsize())
+    except Exception:  # progress is best effort; the step's outcome carries its metrics anyway
+        return
+    for event in events:
+        name = event.get("step")
+        if name not in state.record.steps or state.record.steps[name]["status"] != "running":
+            continue
+        if event["type"] == "progress":
+            state.record.steps[name]["progress"] = [event["done"], event["total"]]
+            state.progress.advanced(name)
+        elif event["type"] == "metrics":
+            state.tracker.log_live(
+                name,
+                tags=_step_tags(state, name, cached=False),
+                params=state.planned[name].job.params.model_dump(mode="json"),
+                start=state.t_start.get(name, time.time()),
+                metrics=[tuple(m) for m in event["values"]],
+                stamp=event["time"],
+            )
+
+
 def _schedule(state: _State) -> None:
     """Submit ready steps, collect finished ones, until nothing can run any more."""
     import ray
@@ -434,6 +469,8 @@ def _schedule(state: _State) -> None:
     remote = ray.remote(_execute_on_ray)
     steps = state.record.steps
     pending: dict[Any, str] = {}
+    channel = _event_channel()
+    beat = 0.0
     while True:
         for name, step in state.planned.items():
             if steps[name]["status"] != "pending":
@@ -443,18 +480,23 @@ def _schedule(state: _State) -> None:
                 steps[name].update(status="skipped", error="an upstream step failed")
                 state.progress.changed(name)
             elif all(s in ("done", "cached") for s in ups):
-                ref = remote.options(**_ray_options(step.job)).remote(step.job)
+                job = dataclasses.replace(step.job, reporter=Reporter(name, channel))
+                ref = remote.options(**_ray_options(step.job)).remote(job)
                 pending[ref] = name
                 state.t_start[name] = time.time()
                 steps[name].update(status="running", t_start=time.perf_counter())
                 state.progress.changed(name)
         if not pending:
             break
-        state.record.heartbeat = now_iso()
-        state.store.write_run(state.record)
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=HEARTBEAT_S)
+        if time.monotonic() - beat >= HEARTBEAT_S:
+            state.record.heartbeat, beat = now_iso(), time.monotonic()
+            state.store.write_run(state.record)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+        _take_events(state, channel)  # before collecting: a step's live metrics precede its outcome
         for ref in done:
             _collect(state, pending.pop(ref), ref)
+    with contextlib.suppress(Exception):
+        channel.shutdown()
 
 
 def _collect(state: _State, name: str, ref: Any) -> None:
@@ -462,6 +504,7 @@ def _collect(state: _State, name: str, ref: Any) -> None:
 
     info = state.record.steps[name]
     info.pop("t_start", None)
+    info.pop("progress", None)
     try:
         outcome: StepOutcome = ray.get(ref)
     except Exception as exc:
@@ -515,13 +558,7 @@ def _track(
     end = time.time()
     state.tracker.log_step(
         name,
-        tags={
-            "kind": step.job.kind,
-            "cache_key": step.job.key,
-            "run_id": state.record.run_id,
-            "cached": str(cached).lower(),
-            "step": name,
-        },
+        tags=_step_tags(state, name, cached),
         params=step.job.params.model_dump(mode="json"),
         metrics=series,
         start=state.t_start.get(name, end),
@@ -529,6 +566,17 @@ def _track(
         status=status,
         artifacts=artifacts,
     )
+
+
+def _step_tags(state: _State, name: str, cached: bool) -> dict[str, str]:
+    job = state.planned[name].job
+    return {
+        "kind": job.kind,
+        "cache_key": job.key,
+        "run_id": state.record.run_id,
+        "cached": str(cached).lower(),
+        "step": name,
+    }
 
 
 def _finish(state: _State, seconds: float) -> None:

@@ -189,6 +189,8 @@ class Tracker:
         self._connect_error: TrackingError | None = None
         self._connected = threading.Event()
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._live: dict[str, str] = {}  # step name -> its nested run, made while the step runs
+        self._streamed: dict[str, set[tuple[str, float, int | None]]] = {}
         self._errors: list[str] = []
         check_database(tracking_uri)
         self._thread = threading.Thread(
@@ -269,6 +271,53 @@ class Tracker:
         """Queue a nested run for one step: params, tags, metrics (with steps), artifacts."""
         self._jobs.put(lambda: self._log_step(name, tags, params, metrics, start, end, status, artifacts))
 
+    def log_live(
+        self,
+        name: str,
+        *,
+        tags: dict[str, str],
+        params: dict[str, Any],
+        start: float,
+        metrics: list[tuple[str, float, int | None]],
+        stamp: float,
+    ) -> None:
+        """Queue metrics a running step sent (stamped when it sent them) into its nested run, which is
+        made on first use; `log_step` later completes that run and skips the metrics already logged."""
+        self._jobs.put(lambda: self._log_live(name, tags, params, start, metrics, stamp))
+
+    def _log_live(
+        self,
+        name: str,
+        tags: dict[str, str],
+        params: dict[str, Any],
+        start: float,
+        metrics: list[tuple[str, float, int | None]],
+        stamp: float,
+    ) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self._step_run(name, tags, params, start)
+        seen = self._streamed.setdefault(name, set())
+        new = [m for m in metrics if m not in seen]
+        seen.update(new)
+        self.client.log_batch(
+            run_id, metrics=[Metric(metric_name(k), v, _ms(stamp), s or 0) for k, v, s in new]
+        )
+
+    def _step_run(self, name: str, tags: dict[str, str], params: dict[str, Any], start: float) -> str:
+        """The nested run of step `name`: the one made while it ran, else a new one (with its params)."""
+        from mlflow.entities import Param
+
+        if name not in self._live:
+            all_tags = {**tags, "mlflow.parentRunId": self.parent_id}
+            run = self.client.create_run(
+                self.experiment_id, start_time=_ms(start), tags=all_tags, run_name=name
+            )
+            params_list = [Param(k, v) for k, v in flatten(params).items()]
+            self.client.log_batch(run.info.run_id, params=params_list)
+            self._live[name] = run.info.run_id
+        return self._live[name]
+
     def _log_step(
         self,
         name: str,
@@ -280,16 +329,18 @@ class Tracker:
         status: str,
         artifacts: str | None,
     ) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, RunTag
 
-        all_tags = {**tags, "mlflow.parentRunId": self.parent_id}
-        run = self.client.create_run(self.experiment_id, start_time=_ms(start), tags=all_tags, run_name=name)
-        run_id = run.info.run_id
+        run_id = self._step_run(name, tags, params, start)
+        self._live.pop(name)
+        seen = self._streamed.pop(name, set())
         stamp = _ms(end)
         self.client.log_batch(
             run_id,
-            metrics=[Metric(metric_name(k), v, stamp, s or 0) for k, v, s in metrics],
-            params=[Param(k, v) for k, v in flatten(params).items()],
+            metrics=[
+                Metric(metric_name(k), v, stamp, s or 0) for k, v, s in metrics if (k, v, s) not in seen
+            ],
+            tags=[RunTag(k, v) for k, v in tags.items()],  # `cached` may differ from the live run's
         )
         if artifacts and Path(artifacts).is_dir():
             self.client.log_artifacts(run_id, artifacts)
@@ -331,19 +382,27 @@ def check_database(tracking_uri: str) -> None:
         raise TrackingError(damaged_message(db, why))
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview ("No data available"); with
+# it, on the run table with the nested step runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: Any, name: str, location: str | None) -> str:
-    """The id of experiment `name`, created if missing (another run may create it at the same time)."""
+    """The id of experiment `name`, created if missing (another run may create it at the same time),
+    tagged as model development."""
     from mlflow.exceptions import MlflowException
 
-    if (found := client.get_experiment_by_name(name)) is not None:
-        return str(found.experiment_id)
-    try:
-        return str(client.create_experiment(name, artifact_location=location))
-    except MlflowException as exc:
-        already = exc.error_code == "RESOURCE_ALREADY_EXISTS"
-        if not already or (found := client.get_experiment_by_name(name)) is None:
-            raise
-        return str(found.experiment_id)
+    if (found := client.get_experiment_by_name(name)) is None:
+        try:
+            return str(client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND))
+        except MlflowException as exc:
+            already = exc.error_code == "RESOURCE_ALREADY_EXISTS"
+            if not already or (found := client.get_experiment_by_name(name)) is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():  # experiments made before the tag existed
+        if found.tags.get(key) != value:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return str(found.experiment_id)
 
 
 def download_artifacts(tracking_uri: str, run_id: str, path: str, dst: Path) -> Path:

@@ -462,9 +462,12 @@ def train(
     report: Callable[[dict[str, float]], None] | None = None,
     log: Callable[[str], None] | None = None,
     device: torch.device | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainState:
     """Train `model` in place (on every rank of torch.distributed when it is initialised); at the end
-    the model holds the best validation parameters (the last ones when there is no validation)."""
+    the model holds the best validation parameters (the last ones when there is no validation).
+    `on_step` receives rank 0's record of every step (step, loss, grad_norm, lr, val_lds when
+    validated; step 0's validation too) as it happens, for live progress and metrics."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -496,6 +499,8 @@ def train(
     if state.step == 0 and not state.history and config.eval_every and rank == 0:
         val = validation_lds(exp, embed)  # the untrained model is a candidate too
         state.history.append({"step": 0, "val_lds": val})
+        if on_step is not None:
+            on_step(state.history[-1])
         if math.isfinite(val):
             state.best_lds, state.best_step, state.best_params = val, 0, trained_parameters(model)
     while state.step < config.steps:
@@ -525,6 +530,8 @@ def train(
                 state.best_lds, state.best_step = val, state.step
                 state.best_params = trained_parameters(model)
         state.history.append(record)
+        if on_step is not None and rank == 0:
+            on_step(record)
         if (
             rank == 0
             and checkpoint_dir is not None

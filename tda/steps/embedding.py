@@ -142,7 +142,9 @@ def embed_split(
     # the shards become the dataset's blocks here, with no read tasks: Ray Data throttles new tasks
     # while the embedding actors hold every CPU, which stalled reads (2 actors on a 2-CPU cluster)
     columns = ["example_id", "prompt", "response", "split"]
-    ds = ray.data.from_arrow([pq.read_table(f, columns=columns) for f in files])
+    tables = [pq.read_table(f, columns=columns) for f in files]
+    total = sum(t.num_rows for t in tables)
+    ds = ray.data.from_arrow(tables)
     with warnings.catch_warnings():  # max_restarts as a map_batches kwarg is "deprecated" in Ray 2.60
         warnings.simplefilter("ignore")
         ds = ds.map_batches(
@@ -163,6 +165,7 @@ def embed_split(
         ids.append(batch["example_id"])
         splits.append(batch["split"])
         parts.append(batch["embedding"])
+        ctx.progress(sum(len(i) for i in ids), total)  # texts embedded / total
     wall = time.perf_counter() - t0
     ids_all, splits_all, emb = np.concatenate(ids), np.concatenate(splits).astype(str), np.concatenate(parts)
     order = np.argsort(ids_all, kind="stable")

@@ -152,10 +152,15 @@ def gradient_features(params: GradientFeaturesParams, ctx: StepContext) -> None:
     groups = [[todo[i] for i in chunk] for chunk in batches(len(todo), params.shards_per_task)]
     tasks = {"num_cpus": params.task_cpus} | ({"num_gpus": params.task_gpus} if params.task_gpus else {})
     t0, compute = time.perf_counter(), 0.0
-    for results in ctx.imap_unordered(work, groups, **tasks):
+    total = sum(len(s["ids"]) for s in shards)
+    finished = total - sum(len(s["ids"]) for s in todo)
+    ctx.progress(finished, total)
+    for results in ctx.imap_unordered(work, groups, progress=False, **tasks):
         for result in results:
             compute += result["seconds"]
             _save_shard(ctx.scratch_dir, shards[result["index"]], result, params.dtype)
+            finished += len(shards[result["index"]]["ids"])
+        ctx.progress(finished, total)  # examples featurised / total
     seconds = time.perf_counter() - t0
     sums = _collect(ctx, shards)
     layout = _layout(family, projection, dim)

@@ -62,8 +62,11 @@ def retrain_without_groups(params: RetrainWithoutGroupsParams, ctx: StepContext)
     t0 = time.perf_counter()
     actual = np.empty((len(data.target_ids), len(index)))
     todo = batches(len(index), params.groups_per_task)
-    for batch, effects in ctx.imap_unordered(work, todo, num_cpus=params.task_cpus):
+    finished = 0
+    for batch, effects in ctx.imap_unordered(work, todo, progress=False, num_cpus=params.task_cpus):
         actual[:, batch] = effects
+        finished += len(batch)
+        ctx.progress(finished, len(index))  # groups retrained / total
     ctx.log_metrics({"seconds": time.perf_counter() - t0, "retrains": len(index)})
     m, g = actual.shape
     return pl.DataFrame(

@@ -96,7 +96,7 @@ class SubsetEffectsParams(StepParams):
         return out
 
 
-def _train_batch(
+def train_batch(
     batch: list[int], *, job: Retraining, num_cpus: float, device: tuple[str, str, float]
 ) -> tuple[list[int], np.ndarray]:
     from tda.effects.retrain import subset_losses
@@ -134,12 +134,16 @@ def subset_effects(params: SubsetEffectsParams, ctx: StepContext) -> pl.DataFram
         start, seeds = (theta if params.warm_start else None), None
     job = Retraining(family, start, data, meta.get("l2_sum", 0.0), index, seeds)
     device = (params.device, params.precision, params.task_gpus)
-    work = functools.partial(_train_batch, job=job, num_cpus=params.task_cpus, device=device)
+    work = functools.partial(train_batch, job=job, num_cpus=params.task_cpus, device=device)
     todo = [[remaining[i] for i in chunk] for chunk in batches(len(remaining), params.subsets_per_task)]
     t0 = time.perf_counter()
     tasks = {"num_cpus": params.task_cpus} | ({"num_gpus": params.task_gpus} if params.task_gpus else {})
-    for batch, losses in ctx.imap_unordered(work, todo, **tasks):
+    finished = len(subset_ids) - len(remaining)
+    ctx.progress(finished, len(subset_ids))
+    for batch, losses in ctx.imap_unordered(work, todo, progress=False, **tasks):
         _save_batch(ctx.scratch_dir, subset_ids[batch], data.target_ids, losses)
+        finished += len(batch)
+        ctx.progress(finished, len(subset_ids))  # fine-tunes done / total
     seconds = time.perf_counter() - t0
     effects = pl.read_parquet(sorted(ctx.scratch_dir.glob("batch-*.parquet"))).sort(
         ["subset_id", "target_id"]

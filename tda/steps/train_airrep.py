@@ -16,9 +16,11 @@ it with an LDS table to report held-out targets apart from the ones AirRep was t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +28,7 @@ import numpy as np
 import polars as pl
 from pydantic import Field, field_validator, model_validator
 
-from pipelines import InputPath, Resources, StepContext, StepKind, StepParams, StepRef
+from pipelines import InputPath, Reporter, Resources, StepContext, StepKind, StepParams, StepRef
 from tda.steps.common import set_threads
 
 
@@ -168,6 +170,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     set_threads(config["cpus_per_worker"])
     torch.manual_seed(0)
+    _quiet_reports()
     rank = ray.train.get_context().get_world_rank()
     exp = ray.get(config["experiments"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
@@ -180,8 +183,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
         TrainConfig(**config["train"]),
         checkpoint_dir=scratch / "checkpoints",
         report=ray.train.report,
-        log=(lambda line: print(f"[train_airrep] {line}", flush=True)) if rank == 0 else None,
         device=device,
+        on_step=_live(config["reporter"], config["train"]["steps"]) if rank == 0 else None,
     )
     if rank == 0:
         tmp = scratch / ".final.tmp"
@@ -198,6 +201,32 @@ def _worker_loop(config: dict[str, Any]) -> None:
         (tmp / "history.json").write_text(json.dumps(summary))
         shutil.rmtree(scratch / "final", ignore_errors=True)
         tmp.rename(scratch / "final")
+
+
+def _quiet_reports() -> None:
+    """Ray Train logs an INFO line per `ray.train.report` through a logger named after its file
+    (outside the `ray` hierarchy that LoggingConfig sets); progress lines replace them."""
+    import ray.train.v2._internal.execution.context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _live(reporter: Reporter, steps: int) -> Callable[[dict[str, float]], None]:
+    """Send each training step to the driver: steps done / total, and its metrics for MLflow."""
+
+    unsent: list[tuple[str, float, int | None]] = []
+    sent_at = [0.0]
+
+    def send(record: dict[str, float]) -> None:
+        step = int(record["step"])
+        reporter.progress(step, steps)
+        unsent.extend((k, float(v), step) for k, v in record.items() if k != "step")
+        if step == steps or time.monotonic() - sent_at[0] >= reporter.interval:  # one message a second
+            reporter.metrics(unsent)
+            unsent.clear()
+            sent_at[0] = time.monotonic()
+
+    return send
 
 
 def _this_node(per_worker: dict[str, float], num_workers: int) -> dict[str, str]:
@@ -257,6 +286,7 @@ def train_airrep(params: TrainAirRepParams, ctx: StepContext) -> pl.DataFrame:
         "scratch": str(scratch),
         "initial": initial,
         "train": params.train_config(),
+        "reporter": ctx.reporter,
     }
     per_worker = {"CPU": params.cpus_per_worker, **({"GPU": 1} if params.use_gpu else {})}
     trainer = TorchTrainer(

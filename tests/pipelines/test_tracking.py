@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -51,6 +52,49 @@ def test_default_tracking_is_sqlite_in_the_store(ray_session, write_spec, tmp_pa
     assert [(m.step, m.value) for m in history] == [(0, 0), (1, 1), (2, 4), (3, 9)]
     assert [a.path for a in client.list_artifacts(sq["run_id"])] == ["note.txt"]
     assert (store / "mlartifacts").is_dir()
+    experiment = client.get_experiment_by_name("tracked")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's run table
+
+
+def test_an_experiment_made_before_the_kind_tag_gets_it(tmp_path):
+    """Experiments of older runs open on the GenAI overview until they are tagged; the next run tags them."""
+    from pipelines.tracking import _experiment_id
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    made = client.create_experiment("older", artifact_location=(tmp_path / "a").as_uri())
+    assert "mlflow.experimentKind" not in client.get_experiment(made).tags
+    assert _experiment_id(client, "older", None) == made
+    assert client.get_experiment(made).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+TICKING = """
+version: 1
+name: ticking
+steps:
+  ticking:
+    kind: ticking
+    n: 4
+    seconds: 1.2
+"""
+
+
+def test_a_running_step_shows_progress_and_streams_metrics(ray_session, write_spec, tmp_path, capfd):
+    """Without a terminal, progress lines come before the step ends; its metrics reach MLflow live."""
+    result = pipelines.run(load_spec(write_spec(TICKING)), store=str(tmp_path / "store"), progress=True)
+    lines = capfd.readouterr().err.splitlines()
+    shown = [i for i, line in enumerate(lines) if re.search(r"ticking: [1-3]/4$", line)]
+    ended = [i for i, line in enumerate(lines) if line.endswith("ticking: done (4 rows)")]
+    assert shown and ended and shown[0] < ended[0]
+    assert len(lines) == len(set(lines))  # no line twice
+    client = mlflow.MlflowClient(result.record.mlflow["tracking_uri"])
+    runs = runs_of(result.record.mlflow["tracking_uri"], "ticking")
+    step = runs[runs["tags.mlflow.runName"] == "ticking"].iloc[0]
+    assert step["tags.mlflow.parentRunId"] == result.record.mlflow["run_id"] and step["status"] == "FINISHED"
+    history = sorted(client.get_metric_history(step["run_id"], "tick"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(1, 1), (2, 2), (3, 3), (4, 4)]  # each once
+    end = client.get_run(step["run_id"]).info.end_time
+    assert history[0].timestamp <= end - 2000  # logged while the step ran, not at its end
+    assert history[0].timestamp < history[2].timestamp
 
 
 def test_cached_steps_are_tracked_as_cached(ray_session, write_spec, tmp_path, tracking_uri):

@@ -117,7 +117,24 @@ def shards(params: ShardsParams, ctx: StepContext) -> None:
     ctx.log_metric("blocks", params.blocks)
 
 
+class TickingParams(StepParams):
+    """Reports progress and a metric after each of n ticks, as a long step does."""
+
+    kind: Literal["ticking"] = "ticking"
+    n: int = Field(gt=0, description="Ticks.")
+    seconds: float = Field(description="Length of a tick.")
+
+
+def ticking(params: TickingParams, ctx: StepContext) -> pl.DataFrame:
+    for i in range(1, params.n + 1):
+        time.sleep(params.seconds)
+        ctx.log_metric("tick", i, step=i)
+        ctx.progress(i, params.n)
+    return pl.DataFrame({"tick": range(1, params.n + 1)})
+
+
 STEPS = [
+    StepKind("ticking", TickingParams, ticking),
     StepKind("numbers", NumbersParams, numbers),
     StepKind("add", AddParams, add),
     StepKind("sleepy", SleepyParams, sleepy),

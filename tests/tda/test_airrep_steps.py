@@ -199,6 +199,24 @@ def test_study_tables(one_worker):
     assert metrics["heldout_targets"] == 20 and "best_val_lds" in metrics
 
 
+def test_airrep_training_streams_its_curves_to_mlflow(one_worker, tracking_uri):
+    """The loss and validation LDS reach the step's MLflow run while it trains, each step once."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = one_worker.record.mlflow["run_id"]
+    (run,) = client.search_runs(
+        [one_worker.record.mlflow["experiment_id"]],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.step = 'airrep'",
+    )
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in loss) == list(range(1, 13))  # every step, none twice
+    assert min(m.timestamp for m in loss) < run.info.end_time - 1000  # logged during training
+    val = client.get_metric_history(run.info.run_id, "val_lds")
+    assert sorted(m.step for m in val) == [0, 5, 10, 12]
+    assert len(client.get_metric_history(run.info.run_id, "lr")) == 12  # live only: not in the manifest
+
+
 def test_airrep_artifact_loads_back_by_mlflow_run_id(one_worker, tmp_path, tracking_uri):
     """The trained model is an MLflow artifact of the step's run; `mlflow_run` scores with it."""
     import mlflow
