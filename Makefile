@@ -21,7 +21,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/tda run $(SPEC)
 
-test: $(STAMP)
+# the report's browser tests drive Debian's Chromium; installed here when missing and we are root with apt-get
+CHROMIUM := $(VENV)/.chromium
+$(CHROMIUM): | $(STAMP)
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then touch $@; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  && touch $@ || echo "chromium: apt-get install failed; the report's browser tests will be skipped"; \
+	else echo "chromium: not installed (apt-get install chromium chromium-driver as root); browser tests skipped"; fi
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
 # a real 2-node Ray cluster + MLflow server on 127.0.0.1 (deploy/local-cluster.sh), `tda submit --wait`
@@ -32,7 +41,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -m ''
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipelines tda tests benchmarks
+	$(VENV)/bin/ruff check pipelines tda tests benchmarks examples
 	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)

@@ -7,6 +7,8 @@
     tda verify [--run RUN]       (sha256 of every stored file against its manifest)
     tda submit SPEC --address http://HEAD:8265 [--store DIR|URI] [--wait]   (a Ray cluster's Jobs API)
     tda jobs                     tda status [JOB]                 tda logs [JOB] [-f]     tda stop [JOB]
+    tda report [RUN] [--out DIR]  (from the science package, through the entry-point group
+                                   "pipelines.commands")
 
 The store of the inspecting commands is `--store`, else the `run.store` of `--spec`, else $TDA_STORE,
 else ./tda-store.
@@ -44,6 +46,9 @@ def _store_for(args: argparse.Namespace) -> Store:
 
         return resolve_store(load_spec(args.spec), None)
     return Store.open(os.environ.get("TDA_STORE", "./tda-store"))
+
+
+store_for = _store_for  # for command plugins (entry-point group "pipelines.commands")
 
 
 # ---------------------------------------------------------------- commands
@@ -403,6 +408,9 @@ def _store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the run's)")
 
 
+store_options = _store_options  # for command plugins
+
+
 def _cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",
@@ -523,7 +531,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result to FILE.parquet (or .csv)")
     _store_options(p)
     p.set_defaults(fn=cmd_query)
+    _add_plugin_commands(sub)
     return ap
+
+
+COMMANDS_GROUP = "pipelines.commands"
+
+
+def _add_plugin_commands(sub: Any) -> None:
+    """Subcommands of installed packages: each entry point of the group "pipelines.commands" is a
+    callable `add(subparsers, store_options)` that adds its parser and sets `fn`. One that fails to
+    load or clashes with a command is named on stderr and left out; the others still work."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=COMMANDS_GROUP):
+        try:
+            ep.load()(sub, store_options)
+        except Exception as exc:  # a broken plugin must not take the whole CLI down
+            print(f"tda: command {ep.name!r} ({ep.value}) left out: {exc}", file=sys.stderr)
 
 
 class _Stderr(logging.Handler):

@@ -13,6 +13,7 @@ speak for other targets of the same experiments, not for another draw of subsets
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -134,7 +135,25 @@ def attribution_summary(params: AttributionSummaryParams, ctx: StepContext) -> p
         if row["lds"] is not None:
             name = row["method"].replace(" − ", "-minus-")
             ctx.log_metric(f"lds.{row['targets']}.{name}.{row['aggregation']}", row["lds"])
+    _figures(out, lds, ctx.artifacts_dir)
     return out
+
+
+def _figures(summary: pl.DataFrame, lds: pl.DataFrame, folder: Path) -> None:
+    """lds.png, lds_distribution.png and cost.png in the step's MLflow artifacts (those it can draw):
+    the figures `tda report` shows, from the same functions."""
+    from tda.report import figures
+
+    role, aggregation = figures.headline(summary)
+    per_target = lds.filter(pl.col("targets") == role) if role else lds
+    drawn = {
+        "lds.png": figures.lds_figure(summary),
+        "lds_distribution.png": figures.lds_distribution_figure(per_target, aggregation),
+        "cost.png": figures.cost_figure(summary),
+    }
+    for name, fig in drawn.items():
+        if fig is not None:
+            figures.save_png(fig, folder / name)
 
 
 def bootstrap_interval(values: np.ndarray, n_resamples: int, seed: int = 0) -> tuple[float, float]:
