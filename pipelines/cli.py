@@ -127,7 +127,13 @@ def _print_run(result: Any) -> None:
         where = shlex.quote(store.location)
         out.print(f'query:    {tda} query "SELECT * FROM {tables[-1]} LIMIT 10" --store {where}')
     uri = record.mlflow.get("tracking_uri", "")
-    out.print(f"MLflow:   mlflow ui --backend-store-uri {uri} --host 127.0.0.1", highlight=False)
+    # MLflow 3's UI opens an experiment on its GenAI overview unless told the workflow in the URL
+    page = f"#/experiments/{record.mlflow.get('experiment_id', '')}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        out.print(f"MLflow:   {uri.rstrip('/')}/{page}", highlight=False)
+    else:
+        out.print(f"MLflow:   mlflow ui --backend-store-uri {uri} --host 127.0.0.1", highlight=False)
+        out.print(f"          then open http://127.0.0.1:5000/{page}", highlight=False)
 
 
 def frame_table(frame: Any, title: str | None = None) -> Table:

@@ -199,6 +199,9 @@ class Tracker:
         self._thread.start()
 
     def _connect(self, experiment: str, artifact_root: Path | None) -> None:
+        # against a server, MLflow prints "🏃 View run … at: URL" and "🧪 View experiment" for every
+        # run it ends: two lines per step in the run's output; the run prints its experiment's page once
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow.tracking import MlflowClient
 
         for name in ("alembic", "mlflow"):  # after the import, which sets up mlflow's logging

@@ -202,3 +202,43 @@ def test_metric_names_mlflow_refuses_are_made_acceptable(tmp_path):
     name = metric_name("lds.ekfac-logra128+head.attention")
     client.log_batch(run.info.run_id, metrics=[Metric(name, 0.5, 0, 0)])
     assert client.get_run(run.info.run_id).data.metrics == {name: 0.5}
+
+
+def test_the_mlflow_ui_opens_on_the_run_table(mlflow_server, tmp_path):
+    """In a real browser, the page a run prints opens on its runs, not MLflow 3's empty GenAI overview
+    (which the experiment's kind tag alone does not avoid in MLflow 3.17: the URL names the workflow)."""
+    from tests.tda.report_browser import chromium_missing, open_browser
+
+    if why := chromium_missing():
+        pytest.skip(why)
+    from pipelines.tracking import Tracker
+
+    tracker = Tracker(mlflow_server, "ui_kind", None)
+    tracker.start("run-shown-in-ui", {"spec": "ui_kind"}, {"seed": 0})
+    now = time.time()
+    tracker.log_step(
+        "featurise",
+        tags={"step": "featurise"},
+        params={},
+        metrics=[("rows", 3.0, None)],
+        start=now - 1,
+        end=now,
+        status="FINISHED",
+    )
+    tracker.finish("FINISHED", {"wall_seconds": 1.0})
+    assert not tracker.close()
+    driver = open_browser()
+    try:
+        driver.execute_cdp_cmd(  # open_browser is offline for report pages; the UI is on loopback
+            "Network.emulateNetworkConditions",
+            {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+        )
+        driver.get(f"{mlflow_server}/#/experiments/{tracker.experiment_id}?workflowType=machine_learning")
+        deadline, text = time.time() + 60, ""
+        while time.time() < deadline and "run-shown-in-ui" not in text:
+            time.sleep(1)
+            text = driver.find_element("tag name", "body").text
+        assert "run-shown-in-ui" in text, text[:500]  # the run table, with the pipeline's run
+        assert "No data available" not in text
+    finally:
+        driver.quit()

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import mlflow
 import pytest
@@ -59,15 +59,22 @@ def test_runs_that_create_the_database_at_once_all_succeed(tmp_path):
 class _LateClient:
     """An MLflow client whose experiment another run creates between our look-up and our create."""
 
+    tagged: ClassVar[list[tuple[str, str, str]]] = []
+
     def __init__(self, tracking_uri: str) -> None:
         self.lookups = 0
 
     def get_experiment_by_name(self, name: str) -> SimpleNamespace | None:
         self.lookups += 1
-        return None if self.lookups == 1 else SimpleNamespace(experiment_id="7")
+        return None if self.lookups == 1 else SimpleNamespace(experiment_id="7", tags={})
 
-    def create_experiment(self, name: str, artifact_location: str | None = None) -> str:
+    def create_experiment(
+        self, name: str, artifact_location: str | None = None, tags: dict[str, str] | None = None
+    ) -> str:
         raise MlflowException(f"Experiment(name={name}) already exists.", RESOURCE_ALREADY_EXISTS)
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        self.tagged.append((experiment_id, key, value))
 
 
 def test_an_experiment_created_by_another_run_meanwhile_is_used(monkeypatch):
@@ -75,6 +82,7 @@ def test_an_experiment_created_by_another_run_meanwhile_is_used(monkeypatch):
     tracker = Tracker("http://127.0.0.1:1", "shared", None)
     tracker.ready()
     assert tracker.experiment_id == "7" and tracker.close() == []
+    assert _LateClient.tagged == [("7", "mlflow.experimentKind", "custom_model_development")]  # the other's
 
 
 def _interrupted_migration(db: Path) -> str:
