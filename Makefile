@@ -42,6 +42,7 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipelines tda tests benchmarks examples
+	$(VENV)/bin/ruff format --check pipelines tda tests benchmarks examples
 	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
