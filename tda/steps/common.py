@@ -39,6 +39,14 @@ def precision_field() -> Any:
     )
 
 
+def check_protocol(protocol: str, base: object, what: str) -> None:
+    """Spec-time: protocol paper needs `base` (what `what` starts from); protocol local takes none."""
+    if protocol == "paper" and base is None:
+        raise ValueError(f"protocol paper needs `base:` (the model every {what} starts from)")
+    if protocol == "local" and base is not None:
+        raise ValueError("`base:` is for protocol paper; set protocol: paper or drop base")
+
+
 def check_device(device: str, precision: str, gpus: float, where: str) -> None:
     """Spec-time: `device: cuda` needs GPUs reserved (`where` names the field); bf16 needs cuda."""
     if device == "cuda" and gpus <= 0:

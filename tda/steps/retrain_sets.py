@@ -24,6 +24,7 @@ from tda.steps.common import (
     Split,
     batches,
     check_device,
+    check_protocol,
     device_field,
     precision_field,
     trained_split,
@@ -63,10 +64,7 @@ class RetrainSetsParams(StepParams):
 
     @model_validator(mode="after")
     def _protocol(self) -> RetrainSetsParams:
-        if self.protocol == "paper" and self.base is None:
-            raise ValueError("protocol paper needs `base:` (the model every fine-tune starts from)")
-        if self.protocol == "local" and self.base is not None:
-            raise ValueError("`base:` is for protocol paper; set protocol: paper or drop base")
+        check_protocol(self.protocol, self.base, "fine-tune")
         check_device(self.device, self.precision, self.task_gpus, "task_gpus")
         return self
 
@@ -81,18 +79,22 @@ class Refits:
 
     @classmethod
     def load(cls, ctx: StepContext, params: RetrainSetsParams) -> Refits:
-        from tda.steps.subset_effects import _base_theta, _with_recipe
+        from tda.steps.subset_effects import base_theta, with_recipe
 
         data, family, theta, meta = trained_split(ctx, params.model, params.data)
         if params.recipe:
-            family = _with_recipe(family, params.recipe)
-        start = _base_theta(ctx, params, theta, meta) if params.protocol == "paper" else theta
+            family = with_recipe(family, params.recipe)
+        start = base_theta(ctx, params, theta, meta) if params.protocol == "paper" else theta
         seed = params.seed or 0
         return cls(data, Retraining(family, start, data, meta.get("l2_sum", 0.0), []), seed)
 
+    @functools.cached_property
+    def _id_order(self) -> np.ndarray:
+        return np.argsort(self.data.train_ids)  # once per step, not once per fit
+
     def row_of(self, example_ids: np.ndarray) -> np.ndarray:
         """Training-row positions of `example_ids` (all must be training rows)."""
-        order = np.argsort(self.data.train_ids)
+        order = self._id_order
         found = np.searchsorted(self.data.train_ids, example_ids, sorter=order)
         return order[np.clip(found, 0, len(order) - 1)]
 

@@ -18,6 +18,7 @@ from tda.steps.common import (
     Retraining,
     batches,
     check_device,
+    check_protocol,
     device_field,
     index_members,
     on_device,
@@ -80,10 +81,7 @@ class SubsetEffectsParams(StepParams):
 
     @model_validator(mode="after")
     def _protocol(self) -> SubsetEffectsParams:
-        if self.protocol == "paper" and self.base is None:
-            raise ValueError("protocol paper needs `base:` (the model every subset's fine-tune starts from)")
-        if self.protocol == "local" and self.base is not None:
-            raise ValueError("`base:` is for protocol paper; set protocol: paper or drop base")
+        check_protocol(self.protocol, self.base, "subset's fine-tune")
         if self.protocol == "paper" and "warm_start" in self.model_fields_set:
             raise ValueError("warm_start is for protocol local; the paper protocol starts from `base`")
         check_device(self.device, self.precision, self.task_gpus, "task_gpus")
@@ -122,14 +120,14 @@ def train_batch(
 def subset_effects(params: SubsetEffectsParams, ctx: StepContext) -> pl.DataFrame:
     data, family, theta, meta = trained_split(ctx, params.model, params.data)
     if params.recipe:
-        family = _with_recipe(family, params.recipe)
+        family = with_recipe(family, params.recipe)
     subsets = ctx.table(params.subsets).filter(pl.col("purpose") != "target").collect()  # AirRep targets
     ids, index = index_members(subsets, "subset_id", data.train_ids, "subset")
     subset_ids = np.array(ids, dtype=np.int32)
     done = _finished_subsets(ctx.scratch_dir)
     remaining = [j for j, sid in enumerate(subset_ids) if int(sid) not in done]
     if params.protocol == "paper":
-        start, seeds = _base_theta(ctx, params, theta, meta), subset_seeds(params.seed or 0, subset_ids)
+        start, seeds = base_theta(ctx, params, theta, meta), subset_seeds(params.seed or 0, subset_ids)
     else:
         start, seeds = (theta if params.warm_start else None), None
     job = Retraining(family, start, data, meta.get("l2_sum", 0.0), index, seeds)
@@ -166,7 +164,7 @@ def subset_seeds(seed: int, subset_ids: np.ndarray) -> list[int]:
     return [int(np.random.SeedSequence([seed, int(s)]).generate_state(1)[0]) for s in subset_ids]
 
 
-def _base_theta(ctx: StepContext, params: SubsetEffectsParams, theta: Any, meta: dict[str, Any]) -> Any:
+def base_theta(ctx: StepContext, params: SubsetEffectsParams, theta: Any, meta: dict[str, Any]) -> Any:
     """θ of `base`; ModelError unless it has the scored model's parameters and tokenizer."""
     from tda.errors import ModelError
     from tda.models import load_model
@@ -191,7 +189,7 @@ def _same_tokenizer(a: str, b: str | None) -> bool:
     return b is not None and load_tokenizer(Path(a)).get_vocab() == load_tokenizer(Path(b)).get_vocab()
 
 
-def _with_recipe(family: Any, recipe: dict[str, float | int]) -> Any:
+def with_recipe(family: Any, recipe: dict[str, float | int]) -> Any:
     from tda.errors import ModelError
 
     config = family.config()
