@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-cluster test-all lint bench docs clean
+.PHONY: run test test-cluster test-hardening test-all lint bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,13 +37,19 @@ test: $(STAMP) $(CHROMIUM)
 test-cluster: $(STAMP)
 	$(PY) -m pytest -m cluster tests/cluster
 
+# faults at every stage (SIGKILLed workers and drivers, a full disk) and the 1,000-subset soak
+test-hardening: $(STAMP)
+	$(PY) -m pytest -m hardening tests/hardening
+
 test-all: $(STAMP)
 	$(PY) -m pytest -m ''
 
+# ruff (lint, format), the import-linter contracts over whole packages, mypy --strict on pipelines/
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipelines tda tests benchmarks examples
 	$(VENV)/bin/ruff format --check pipelines tda tests benchmarks examples
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_overhead.py

@@ -25,6 +25,7 @@ import polars as pl
 import torch
 
 from pipelines import open_run
+from tda.airrep import experiments as E
 from tda.airrep import train as T
 from tda.airrep.model import AirRep
 from tda.airrep.score import score_frame
@@ -33,7 +34,7 @@ from tda.evaluation.lds import lds
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def restrict(exp: T.Experiments, subset_share: float, target_share: float, seed: int) -> T.Experiments:
+def restrict(exp: E.Experiments, subset_share: float, target_share: float, seed: int) -> E.Experiments:
     """The same experiments with only a share of the train subsets and of the fit targets used."""
     rng = np.random.default_rng(seed)
     subset_role, target_role = exp.subset_role.copy(), exp.target_role.copy()
@@ -43,8 +44,8 @@ def restrict(exp: T.Experiments, subset_share: float, target_share: float, seed:
         roles[drop] = "unused"
     losses = -exp.measured.astype(np.float64)
     losses[exp.subset_split[:, None] != exp.target_split[None, :]] = np.nan
-    labels = T.normalised_labels(losses, subset_role == "train")
-    return T.Experiments(
+    labels = E.normalised_labels(losses, subset_role == "train")
+    return E.Experiments(
         exp.example_ids, exp.target_ids, exp.texts, exp.subset_ids, exp.members, exp.subset_split,
         subset_role, exp.target_split, target_role, labels, exp.measured,
     )  # fmt: skip
@@ -72,7 +73,7 @@ def main() -> None:
     step = next(n for n, s in run.record.steps.items() if s["kind"] == "train_airrep")
     params = run.output(step).manifest["params"]
     subsets, effects = run.table(params["subsets"]).collect(), run.table(params["effects"]).collect()
-    exp = T.build_experiments(
+    exp = E.build_experiments(
         run.table(params["data"]).collect(),
         subsets,
         effects,

@@ -33,6 +33,7 @@ import polars as pl
 import torch
 
 from pipelines import open_run
+from tda.airrep import experiments as E
 from tda.airrep import train as T
 from tda.airrep.model import AirRep
 from tda.airrep.score import score_frame
@@ -53,7 +54,7 @@ PARTS = (
 )
 
 
-def labels_used(exp: T.Experiments) -> int:
+def labels_used(exp: E.Experiments) -> int:
     """How many (train subset, fit target) labels the experiments hold."""
     train, fit = exp.subset_role == "train", exp.target_role == "fit"
     return int(np.isfinite(exp.labels[train][:, fit]).sum())
@@ -71,7 +72,7 @@ class Study:
         self.subsets = self.run.table(p["subsets"]).collect()
         self.effects = self.run.table(p["effects"]).collect()
         role_seed = p.get("role_seed", p["seed"])
-        self.exp = T.build_experiments(
+        self.exp = E.build_experiments(
             self.data,
             self.subsets,
             self.effects,
@@ -127,7 +128,7 @@ class Study:
         cached.model, cached.config = model, config
         return cached
 
-    def train(self, name: str, exp: T.Experiments | None = None, **changes: object) -> dict:
+    def train(self, name: str, exp: E.Experiments | None = None, **changes: object) -> dict:
         """Train a fresh AirRep with the run's recipe changed by `changes`; judge it."""
         exp = exp or self.exp
         config = T.TrainConfig(**{**self.config.__dict__, **changes})
@@ -164,7 +165,7 @@ class Study:
         print(json.dumps(row), flush=True)
         return row
 
-    def restrict(self, subset_share: float = 1.0, target_share: float = 1.0, seed: int = 1) -> T.Experiments:
+    def restrict(self, subset_share: float = 1.0, target_share: float = 1.0, seed: int = 1) -> E.Experiments:
         """The experiments with only a share of the train subsets and of the fit targets used."""
         rng = np.random.default_rng(seed)
         exp = self.exp
@@ -174,8 +175,8 @@ class Study:
             drop = rng.permutation(where)[: len(where) - int(round(share * len(where)))]
             roles[drop] = "unused"
         losses = -exp.measured.astype(np.float64)
-        labels = T.normalised_labels(losses, subset_role == "train")
-        return T.Experiments(
+        labels = E.normalised_labels(losses, subset_role == "train")
+        return E.Experiments(
             exp.example_ids, exp.target_ids, exp.texts, exp.subset_ids, exp.members, exp.subset_split,
             subset_role, exp.target_split, target_role, labels, exp.measured,
         )  # fmt: skip
@@ -242,7 +243,7 @@ class Study:
         return [self.train(f"airrep {name}", **changes) for name, changes in variants.items()]
 
     def labels(self, chosen: dict) -> list[dict]:
-        own = T.build_experiments(
+        own = E.build_experiments(
             self.data, self.subsets, self.effects,
             heldout_targets=self.params["heldout_targets"], val_fraction=self.params["val_fraction"],
             seed=self.params.get("role_seed", self.params["seed"]) or 0, labels="own_split",

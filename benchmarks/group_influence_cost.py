@@ -22,7 +22,7 @@ from rich.table import Table
 
 from tda.data.split import split_table
 from tda.data.tabular import load_tabular, tabular_tensors
-from tda.influence import group_influence
+from tda.influence import SolverOptions, group_influence
 from tda.models import LogisticRegression
 from tda.subsets.groups import make_groups
 
@@ -76,7 +76,17 @@ def main() -> None:
 
         def run(orders: tuple[int, ...], solver: str = solver) -> None:
             group_influence(
-                family, theta, X, y, Xt, yt, groups, l2=1e-2, orders=orders, solver=solver, newton=False
+                family,
+                theta,
+                X,
+                y,
+                Xt,
+                yt,
+                groups,
+                l2=1e-2,
+                orders=orders,
+                newton=False,
+                options=SolverOptions(solver),
             )
 
         first, second = timed(lambda: run((1,)), args.repeats), timed(lambda: run((1, 2)), args.repeats)

@@ -18,6 +18,7 @@ from pipelines.params import InputPath, Resources, StepParams, StepRef, StorePat
 from pipelines.query import Run, open_run
 from pipelines.registry import StepKind, register
 from pipelines.spec import load_spec, loads_spec
+from pipelines.status import RunStatus, StepRecord, StepStatus
 
 __version__ = "0.1.0"
 
@@ -39,12 +40,15 @@ __all__ = [
     "Resources",
     "Run",
     "RunFailed",
+    "RunStatus",
     "SpecError",
     "StepContext",
     "StepFailed",
     "StepKind",
     "StepParams",
+    "StepRecord",
     "StepRef",
+    "StepStatus",
     "StorePath",
     "StoreError",
     "load_spec",

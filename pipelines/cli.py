@@ -5,6 +5,7 @@
     tda runs                     tda tables [RUN]                 tda show [RUN]
     tda query "SQL" [--run RUN] [--format table|csv|json] [--out FILE.parquet]
     tda verify [--run RUN]       (sha256 of every stored file against its manifest)
+    tda ray up|down|status       (a warm local Ray that runs attach to instead of starting one)
     tda submit SPEC --address http://HEAD:8265 [--store DIR|URI] [--wait]   (a Ray cluster's Jobs API)
     tda jobs                     tda status [JOB]                 tda logs [JOB] [-f]     tda stop [JOB]
     tda report [RUN] [--out DIR]  (from the science package, through the entry-point group
@@ -23,14 +24,18 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from pipelines.errors import PipelineError
 from pipelines.progress import summary_table
+from pipelines.status import RunStatus, StepStatus
 from pipelines.store import Store
+
+if TYPE_CHECKING:  # imported where used: `tda --help` stays fast
+    from pipelines.query import Run
 
 out = Console(soft_wrap=True)
 if not out.is_terminal:  # piped or captured: no wrapping of wide tables at 80 columns
@@ -90,16 +95,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         "verify": args.verify,
         "progress": not args.quiet,
         "run_id": args.run_id,
+        "defer_tracking": True,  # a fully cached run's MLflow record: by a detached process
     }
     try:
         result = pipelines.run(spec, **options)
     except RunFailed as exc:
         result = exc.run
     _print_run(result)
-    return 0 if result.status == "succeeded" else 1
+    return 0 if result.status == RunStatus.SUCCEEDED else 1
 
 
-def _print_run(result: Any) -> None:
+def _print_run(result: Run) -> None:
     record = result.record
     out.print(
         summary_table(
@@ -108,18 +114,25 @@ def _print_run(result: Any) -> None:
         )
     )
     for name, info in record.steps.items():
-        if info["status"] == "failed":
-            out.print(f"[bold red]{name} failed:[/] {info.get('error', '')}", highlight=False)
-        if info.get("export_error"):
-            out.print(f"[red]{name}: export failed:[/] {info['export_error']}", highlight=False)
+        if info.status == StepStatus.FAILED:
+            out.print(f"[bold red]{name} failed:[/] {info.error or ''}", highlight=False)
+        if info.export_error:
+            out.print(f"[red]{name}: export failed:[/] {info.export_error}", highlight=False)
     for name in record.spec.get("run", {}).get("show", []):
-        if record.steps.get(name, {}).get("status") in ("done", "cached"):
+        if name in record.steps and record.steps[name].status.has_output:
             out.print(frame_table(result.table(name).head(100).collect(), title=name))
     store = result.store  # paths for a store folder, URIs for a store on a URI
     tables = result.table_names()
     out.print(f"\nstore:    {store.location}\nrun:      {store.locate('runs', record.run_id + '.json')}")
     out.print(f"tables:   {', '.join(tables) or 'none'}  (Parquet under {store.locate('objects')})")
-    out.print(f"tracking: {record.mlflow.get('tracking_uri')}")
+    if record.driver.get("ray"):
+        out.print(f"ray:      {record.driver['ray']}", highlight=False)
+    later = (
+        " (every step cached: recorded in MLflow by a background process)"
+        if "deferred" in record.mlflow
+        else ""
+    )
+    out.print(f"tracking: {record.mlflow.get('tracking_uri')}{later}", highlight=False)
     if tables:
         tda = "tda" if shutil.which("tda") else sys.argv[0]
         import shlex
@@ -154,7 +167,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         except PipelineError as exc:  # an unreadable record: named below, the others listed
             skipped.append(str(exc))
             continue
-        states = [s["status"] for s in rec.steps.values()]
+        states = [s.status for s in rec.steps.values()]
         secs = f"{rec.seconds:.1f}" if rec.seconds is not None else ""
         table.add_row(
             rec.run_id,
@@ -162,8 +175,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             rec.status,
             rec.started,
             secs,
-            str(states.count("done")),
-            str(states.count("cached")),
+            str(states.count(StepStatus.DONE)),
+            str(states.count(StepStatus.CACHED)),
         )
     out.print(table)
     for message in skipped:
@@ -177,7 +190,7 @@ def cmd_tables(args: argparse.Namespace) -> int:
     run = open_run(_store_for(args), args.run)
     table = Table("table", "kind", "rows", "columns", title=f"run {run.run_id}", title_justify="left")
     for name in run.table_names():  # manifests only: nothing is fetched from a URI store
-        manifest = run.store.manifest(run.steps[name]["key"]) or {}
+        manifest = run.store.manifest(run.steps[name].key) or {}
         cols = ", ".join(f"{c['name']}:{c['type']}" for c in manifest.get("schema", []))
         table.add_row(name, manifest["kind"], f"{manifest.get('rows') or 0:,}", cols)
     out.print(table)
@@ -194,11 +207,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     out.print(f"started {rec.started}, finished {rec.finished}")
     for name, info in rec.steps.items():
         out.print(
-            f"  {name}: key {info['key'][:16]}…  node {info.get('node') or '-'}"
-            + (f"\n    error: {info['error']}" if info.get("error") else ""),
+            f"  {name}: key {info.key[:16]}…  node {info.node or '-'}"
+            + (f"\n    error: {info.error}" if info.error else ""),
             highlight=False,
         )
     uri = args.tracking_uri or rec.mlflow.get("tracking_uri")
+    if "deferred" in rec.mlflow:
+        out.print(f"MLflow: being recorded in {uri} by a background process", highlight=False)
     if uri and rec.mlflow.get("run_id"):
         from pipelines.tracking import read_step_metrics
 
@@ -218,7 +233,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     store = _store_for(args)
     if args.run:
-        keys = [info["key"] for info in open_run(store, args.run).steps.values()]
+        keys = [info.key for info in open_run(store, args.run).steps.values()]
         keys = [k for k in dict.fromkeys(keys) if store.manifest(k) is not None]
     else:
         keys = store.object_keys()
@@ -266,7 +281,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def _env_pairs(pairs: list[str]) -> dict[str, str]:
-    from pipelines.jobs import ClusterError
+    from pipelines.errors import ClusterError
 
     env = {}
     for pair in pairs:
@@ -394,6 +409,34 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ray(args: argparse.Namespace) -> int:
+    from pipelines import local_ray
+
+    if args.action == "up":
+        warm, started = local_ray.up(args.num_cpus)
+        verb = "started" if started else "already up:"
+        out.print(f"warm Ray {verb} {warm.address}, {warm.num_cpus} CPUs, pid {warm.pid}", highlight=False)
+        where = local_ray.record_path()
+        out.print(f"  runs without --ray-address attach to it; stop it with: tda ray down ({where})")
+        return 0
+    if args.action == "down":
+        stopped = local_ray.down()
+        out.print(
+            f"stopped the warm Ray at {stopped.address} (pid {stopped.pid})" if stopped else "no warm Ray"
+        )
+        return 0
+    found, gone = local_ray.attachable()
+    if found is None:
+        out.print(gone or "no warm Ray (start one with: tda ray up)", highlight=False)
+        return 1
+    out.print(
+        f"warm Ray at {found.address}, {found.num_cpus} CPUs, pid {found.pid}, since {found.started}",
+        highlight=False,
+    )
+    out.print(f"  dashboard {found.dashboard}  token {found.token_path}", highlight=False)
+    return 0
+
+
 def cmd_docs(args: argparse.Namespace) -> int:
     from pipelines.docs import write_step_docs
     from pipelines.registry import installed_kinds
@@ -499,6 +542,11 @@ def parser() -> argparse.ArgumentParser:
         _cluster_options(p)
         p.set_defaults(fn=fn)
 
+    p = sub.add_parser("ray", help="a warm local Ray that runs attach to: up, down, status")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--num-cpus", type=int, help="CPUs of the warm Ray (default: all)")
+    p.set_defaults(fn=cmd_ray)
+
     p = sub.add_parser("validate", help="check a spec without running it")
     p.add_argument("spec")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")
@@ -576,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     _show_warnings()
     args = parser().parse_args(argv)
     try:
-        return args.fn(args)
+        return int(args.fn(args))
     except PipelineError as exc:
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)

@@ -6,6 +6,11 @@ its message as one line and exits with `exit_code`. Anything else is a bug and k
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.query import Run
+
 
 class PipelineError(Exception):
     """Base of the engine's errors: `str(err)` is the complete one-line message."""
@@ -19,8 +24,17 @@ class SpecError(PipelineError):
     exit_code = 2
 
     def __init__(self, messages: list[str] | str) -> None:
-        self.messages = [messages] if isinstance(messages, str) else list(messages)
+        raw = [messages] if isinstance(messages, str) else list(messages)
+        self.messages = [one_line(m) for m in raw]
         super().__init__("\n".join(self.messages))
+
+
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable (a newline, a line separator, a control
+    character a spec's key or value may hold) written as its escape: a message stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class RegistryError(PipelineError):
@@ -52,7 +66,7 @@ class StepFailed(PipelineError):
 class RunFailed(PipelineError):
     """A pipeline run finished with failed steps; `run` holds what completed."""
 
-    def __init__(self, run: object, failed: dict[str, str]) -> None:
+    def __init__(self, run: Run, failed: dict[str, str]) -> None:
         self.run, self.failed = run, failed
         lines = "; ".join(f"{name}: {err}" for name, err in failed.items())
         super().__init__(f"run failed in {len(failed)} step(s): {lines}")
@@ -64,3 +78,31 @@ class CorruptObject(StoreError):
     def __init__(self, message: str, key: str, problem: str) -> None:
         self.key, self.problem = key, problem
         super().__init__(message)
+
+
+class RayUnavailable(PipelineError):
+    """The Ray cluster named by --ray-address / run.ray_address could not be reached."""
+
+    exit_code = 2
+
+
+class ClusterError(PipelineError):
+    """The cluster could not be reached, refused us, or has no such job (`tda submit`, `tda jobs`…)."""
+
+    exit_code = 2
+
+
+class TrackingError(PipelineError):
+    """The tracking server could not be reached or refused a request."""
+
+    exit_code = 2
+
+
+class DatabaseBusy(TrackingError):
+    """Another process held a SQLite tracking database's lock for longer than we waited."""
+
+
+class IllegalTransition(RuntimeError):
+    """The engine moved a step or a run to a state its current one does not lead to
+    (pipelines/status.py). A bug in the engine, not the user's doing: not a PipelineError, so the
+    CLI shows its traceback."""

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -138,4 +139,28 @@ def _install(built: Path, folder: int, name: str, target: str) -> None:
     aside = f".{name}.old.{uuid.uuid4().hex[:8]}"
     os.rename(name, aside, src_dir_fd=folder, dst_dir_fd=folder)
     os.rename(built, name, dst_dir_fd=folder)
-    shutil.rmtree(aside, dir_fd=folder)
+    _remove_tree(aside, folder)
+
+
+def _remove_tree(name: str, folder: int) -> None:
+    """Delete the folder `name` inside `folder` (a descriptor) without following any link."""
+    if sys.version_info >= (3, 11):
+        shutil.rmtree(name, dir_fd=folder)
+    else:  # shutil.rmtree takes dir_fd from Python 3.11
+        _remove_tree_at(name, folder)
+
+
+def _remove_tree_at(name: str, folder: int) -> None:
+    """What `shutil.rmtree(name, dir_fd=folder)` does: every entry removed through descriptors, links
+    removed as links (never followed)."""
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    _remove_tree_at(entry.name, fd)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=folder)

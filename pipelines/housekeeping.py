@@ -25,7 +25,12 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pipelines.status import RunStatus, StepStatus
+
+if TYPE_CHECKING:  # the store reads records through this module
+    from pipelines.store import RunRecord, Store
 
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
@@ -71,9 +76,9 @@ def _age(stamp: str | None) -> float:
     return (datetime.now(timezone.utc) - then).total_seconds()
 
 
-def driver_gone(record: Any) -> bool:
+def driver_gone(record: RunRecord) -> bool:
     """True if the record is `running` but its driver has stopped without finishing it."""
-    if record.status != "running":
+    if record.status != RunStatus.RUNNING:
         return False
     driver = record.driver or {}
     if driver.get("host") == socket.gethostname() and driver.get("pid"):
@@ -81,18 +86,18 @@ def driver_gone(record: Any) -> bool:
     return _age(record.heartbeat or record.started) > STALE_S
 
 
-def mark_interrupted(record: Any) -> None:
+def mark_interrupted(record: RunRecord) -> None:
     """Turn a record whose driver is gone into an `interrupted` one (in place)."""
     driver = record.driver or {}
     who = f"pid {driver.get('pid', '?')} on {driver.get('host', '?')}"
-    record.status = "interrupted"
+    record.move_to(RunStatus.INTERRUPTED)
     for info in record.steps.values():
-        if info.get("status") in ("pending", "running"):
-            info["status"] = "interrupted"
-            info["error"] = f"the run's driver ({who}) stopped before this step finished"
+        if not info.status.is_terminal:
+            info.move_to(StepStatus.INTERRUPTED)
+            info.error = f"the run's driver ({who}) stopped before this step finished"
 
 
-def clean_store(store: Any) -> list[str]:
+def clean_store(store: Store) -> list[str]:
     """Write back records of dead runs as interrupted and remove staging of runs that are not alive;
     returns the ids of the runs it marked."""
     marked, alive = [], set()
@@ -101,11 +106,11 @@ def clean_store(store: Any) -> list[str]:
             record = store.read_run(run_id)
         except Exception:  # an unreadable record is skipped here and named where it is read
             continue
-        if record.status == "interrupted" and record.finished is None:
+        if record.status == RunStatus.INTERRUPTED and record.finished is None:
             record.finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
             store.write_run(record)
             marked.append(run_id)
-        elif record.status == "running":
+        elif record.status == RunStatus.RUNNING:
             alive.add(run_id)
     _remove_dead_staging(store.root / "tmp", alive, set(store.run_ids()))
     return marked

@@ -29,8 +29,11 @@ _lock = threading.Lock()
 
 
 def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest is Python 3.11+
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def describe_files(folder: Path) -> dict[str, dict[str, Any]]:

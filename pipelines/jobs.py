@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import PipelineError, SpecError
+from pipelines.errors import ClusterError, SpecError
 from pipelines.fingerprint import find_input_paths
 from pipelines.params import is_uri
 from pipelines.spec import SpecBase, load_spec
+from pipelines.status import StepStatus
 from pipelines.store import RunRecord, Store, new_run_id
 
 # left out of the working_dir on top of what .gitignore excludes (Ray honours .gitignore files)
@@ -56,12 +57,6 @@ JOB_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "86400", "RAY_USAGE_STATS_E
 PASS_THROUGH_ENV = ("PIPELINES_PLUGINS",)  # kinds the spec was validated with here
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-
-
-class ClusterError(PipelineError):
-    """The cluster could not be reached, refused us, or has no such job."""
-
-    exit_code = 2
 
 
 # ---------------------------------------------------------------- connection
@@ -297,7 +292,7 @@ class JobState:
     def failed_steps(self) -> dict[str, str]:
         if self.record is None:
             return {}
-        return {n: s.get("error", "") for n, s in self.record.steps.items() if s["status"] == "failed"}
+        return {n: s.error or "" for n, s in self.record.steps.items() if s.status == StepStatus.FAILED}
 
 
 def _status(status: Any) -> str:
@@ -329,7 +324,7 @@ def list_jobs(client: Any) -> list[JobState]:
 def resolve_job(client: Any, job: str | None) -> str:
     """A job id from an id, a unique prefix (with or without `tda-`), or None for the latest tda job."""
     jobs = list_jobs(client)
-    if job in (None, "", "latest"):
+    if not job or job == "latest":
         tda_jobs = [j for j in jobs if "tda_run_id" in j.metadata]
         if not tda_jobs:
             raise ClusterError(f"no tda jobs on {client.get_address()}; submit one with `tda submit SPEC`")
@@ -370,7 +365,7 @@ def failed_steps_from_log(text: str) -> dict[str, str]:
 
 
 def job_logs(client: Any, job_id: str) -> str:
-    return _call(client, client.get_job_logs, job_id)
+    return str(_call(client, client.get_job_logs, job_id))
 
 
 def follow_logs(client: Any, job_id: str, write: Callable[[str], Any] = sys.stdout.write) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -73,7 +73,12 @@ class InputPath(str):
     def _resolve(cls, value: str, info: core_schema.ValidationInfo) -> InputPath:
         if is_uri(value) or cls(value).is_virtual or not info.context or "spec_dir" not in info.context:
             return cls(value)
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # `~user/…` of a user this machine does not know
+            raise ValueError(
+                f"{value!r}: cannot expand '~' (no such user here); give the full path"
+            ) from None
         if not path.is_absolute():
             path = Path(info.context["spec_dir"]) / path
         return cls(str(path.resolve()))
@@ -139,6 +144,9 @@ class StepParams(BaseModel):
 
     #: Fields that never change a step's output, so they stay out of its cache key.
     non_semantic: ClassVar[frozenset[str]] = frozenset({"resources", "retries", "export", "description"})
+    #: The step uses Ray Train, whose controller queries the Ray dashboard's state API: an embedded
+    #: Ray starts its dashboard (about 4 s more) only when a step to execute says so.
+    needs_ray_dashboard: ClassVar[bool] = False
 
     kind: str = Field(description="The step kind; selects the fields below.")
     description: str | None = Field(None, description="Free text shown by `tda show`.")
@@ -161,6 +169,13 @@ class StepParams(BaseModel):
         out = {"CPU": (res.num_cpus, "resources.num_cpus"), "GPU": (res.num_gpus, "resources.num_gpus")}
         out.update({name: (amount, f"resources.custom.{name}") for name, amount in res.custom.items()})
         return out
+
+    def check_references(self, steps: Mapping[str, StepParams]) -> list[tuple[Loc, str]]:
+        """Spec-time checks against the other steps of the spec (e.g. that a step this one reads was
+        made from the same model): (field path in this step, message) per problem, reported at that
+        field when the spec is validated, before anything runs. `steps` is every step of the spec,
+        each reference already known to exist. Default: none."""
+        return []
 
     def semantic_params(self) -> dict[str, Any]:
         """The params that determine the output, as JSON-ready data."""

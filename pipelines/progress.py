@@ -2,65 +2,65 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from pipelines.status import StepRecord, StepStatus
+
 PROGRESS_LINE_S = 10.0  # a non-interactive run prints a step's progress at most this often
 
 STYLES = {
-    "pending": "dim",
-    "waiting": "dim",
-    "running": "yellow",
-    "done": "green",
-    "cached": "cyan",
-    "failed": "bold red",
-    "skipped": "magenta",
-    "interrupted": "bold magenta",
+    StepStatus.PENDING: "dim",
+    StepStatus.RUNNING: "yellow",
+    StepStatus.DONE: "green",
+    StepStatus.CACHED: "cyan",
+    StepStatus.FAILED: "bold red",
+    StepStatus.SKIPPED: "magenta",
+    StepStatus.INTERRUPTED: "bold magenta",
 }
 
 
-def summary_table(steps: dict[str, dict[str, Any]], title: str = "") -> Table:
+def summary_table(steps: dict[str, StepRecord], title: str = "") -> Table:
     """step, kind, status, cached, rows, seconds: one row per step."""
     table = Table(title=title or None, title_justify="left")
-    for col, justify in [
-        ("step", "left"),
-        ("kind", "left"),
-        ("status", "left"),
-        ("cached", "left"),
-        ("rows", "right"),
-        ("seconds", "right"),
-    ]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for col in ("step", "kind", "status", "cached"):
+        table.add_column(col, justify="left")
+    for col in ("rows", "seconds"):
+        table.add_column(col, justify="right")
     for name, info in steps.items():
-        status = info.get("status", "pending")
-        rows = info.get("rows")
-        secs = info.get("seconds")
-        if status == "running" and info.get("progress"):
-            done, total = info["progress"]
+        if info.status == StepStatus.RUNNING and info.progress:
+            done, total = info.progress
             shown = f"{done:,}/{total:,}"
         else:
-            shown = "" if rows is None else f"{rows:,}"
+            shown = "" if info.rows is None else f"{info.rows:,}"
         table.add_row(
             name,
-            info.get("kind", ""),
-            f"[{STYLES.get(status, '')}]{status}[/]",
-            "yes" if info.get("cached") else "no",
+            info.kind,
+            f"[{STYLES[info.status]}]{info.status}[/]",
+            "yes" if info.cached else "no",
             shown,
-            "" if secs is None else f"{secs:.2f}",
+            "" if info.seconds is None else f"{info.seconds:.2f}",
         )
     return table
+
+
+def _so_far(info: StepRecord, now: float) -> StepRecord:
+    """A running step with its seconds so far; any other as it is."""
+    if info.status != StepStatus.RUNNING or info.t_start is None:
+        return info
+    return dataclasses.replace(info, seconds=now - info.t_start)
 
 
 class Progress:
     """Shows step states while a run goes on: a live table on a terminal, else one line per change."""
 
     def __init__(
-        self, steps: dict[str, dict[str, Any]], enabled: bool = True, console: Console | None = None
+        self, steps: dict[str, StepRecord], enabled: bool = True, console: Console | None = None
     ) -> None:
         self.steps = steps
         self.console = console or Console(stderr=True)
@@ -73,10 +73,7 @@ class Progress:
 
     def _render(self) -> Table:
         now = time.perf_counter()
-        shown = {
-            name: {**info, "seconds": now - info["t_start"]} if info.get("status") == "running" else info
-            for name, info in self.steps.items()
-        }
+        shown = {name: _so_far(info, now) for name, info in self.steps.items()}
         return summary_table(shown, title=f"{self.phase}… {now - self.t0:.1f}s")
 
     def __enter__(self) -> Progress:
@@ -107,19 +104,22 @@ class Progress:
             return
         info = self.steps[name]
         detail = ""
-        if info.get("status") in ("done", "cached") and info.get("rows") is not None:
-            detail = f" ({info['rows']:,} rows)"
-        if info.get("status") == "failed":
-            detail = f": {info.get('error', '')}"
+        if info.status.has_output and info.rows is not None:
+            detail = f" ({info.rows:,} rows)"
+        if info.status == StepStatus.FAILED:
+            detail = f": {info.error or ''}"
         elapsed = time.perf_counter() - self.t0
-        print(f"[{elapsed:7.1f}s] {name}: {info['status']}{detail}", file=sys.stderr, flush=True)
+        print(f"[{elapsed:7.1f}s] {name}: {info.status}{detail}", file=sys.stderr, flush=True)
 
     def advanced(self, name: str, every: float = PROGRESS_LINE_S) -> None:
         """Note new progress of a running step: the live table shows it; without a terminal, a line
         `name: done/total` when the first units are done, then at most once per `every` seconds."""
         if not self.enabled or self.live_mode:
             return
-        done, total = self.steps[name]["progress"]
+        progress = self.steps[name].progress
+        if progress is None:
+            return
+        done, total = progress
         now = time.perf_counter()
         last = self._said.get(name)
         if done == 0 or (last is not None and now - last < every):

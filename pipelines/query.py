@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 import unicodedata
 from itertools import pairwise
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import polars as pl
 
 from pipelines.errors import QueryError, StoreError
+from pipelines.status import RunStatus, StepRecord
 from pipelines.store import RunRecord, Store, StoredObject
 
 
@@ -26,18 +27,18 @@ class Run:
         self.record = record
 
     def __repr__(self) -> str:
-        return f"Run({self.run_id!r}, status={self.status!r}, steps={len(self.steps)})"
+        return f"Run({self.run_id!r}, status={str(self.status)!r}, steps={len(self.steps)})"
 
     @property
     def run_id(self) -> str:
         return self.record.run_id
 
     @property
-    def status(self) -> str:
+    def status(self) -> RunStatus:
         return self.record.status
 
     @property
-    def steps(self) -> dict[str, dict[str, Any]]:
+    def steps(self) -> dict[str, StepRecord]:
         return self.record.steps
 
     def output(self, step: str) -> StoredObject:
@@ -45,9 +46,9 @@ class Run:
         info = self.steps.get(step)
         if info is None:
             raise StoreError(f"run {self.run_id} has no step {step!r}; steps: {', '.join(self.steps)}")
-        if not self.store.has(info["key"]):
-            raise StoreError(f"run {self.run_id}: step {step!r} has no output ({info['status']})")
-        return self.store.get(info["key"])
+        if not self.store.has(info.key):
+            raise StoreError(f"run {self.run_id}: step {step!r} has no output ({info.status})")
+        return self.store.get(info.key)
 
     def table(self, step: str) -> pl.LazyFrame:
         """The table of `step` as a lazy Parquet scan."""
@@ -57,7 +58,7 @@ class Run:
         """The steps of the run that have a table (from their manifests: nothing is fetched)."""
         names = []
         for name, info in self.steps.items():
-            manifest = self.store.manifest(info["key"])
+            manifest = self.store.manifest(info.key)
             if manifest is not None and manifest.get("schema"):
                 names.append(name)
         return names

@@ -15,14 +15,15 @@ import os
 import shutil
 import time
 import traceback
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import registry
+from pipelines import local_ray, registry
 from pipelines.context import Executor, Reporter, StepJob, StepOutcome, execute_step
 from pipelines.dag import Dag, build_dag, find_refs
-from pipelines.errors import PipelineError, RunFailed, SpecError
+from pipelines.errors import PipelineError, RayUnavailable, RunFailed, SpecError
 from pipelines.exports import export_to_store
 from pipelines.fingerprint import input_fingerprint
 from pipelines.housekeeping import (
@@ -33,20 +34,15 @@ from pipelines.housekeeping import (
     remove_ray_temp_dir,
     sweep_ray_temp_dirs,
 )
-from pipelines.params import is_uri
+from pipelines.params import StepParams, is_uri
 from pipelines.progress import Progress
 from pipelines.query import Run
 from pipelines.spec import SpecBase
+from pipelines.status import RunStatus, StepRecord, StepStatus
 from pipelines.store import RunRecord, Store, cache_key, new_run_id, now_iso
-from pipelines.tracking import Tracker, default_tracking_uri
+from pipelines.tracking import Tracker, TrackingJournal, default_tracking_uri, replay, sqlite_path
 
 log = logging.getLogger(__name__)
-
-
-class RayUnavailable(PipelineError):
-    """The Ray cluster named by --ray-address / run.ray_address could not be reached."""
-
-    exit_code = 2
 
 
 # ---------------------------------------------------------------- Ray
@@ -117,16 +113,21 @@ def _execute_on_ray(job: StepJob) -> StepOutcome:
     return execute_step(job, RayExecutor())
 
 
-def ensure_ray(address: str | None, num_cpus: int | None) -> None:
-    """Connect to `address`, or start an embedded Ray (see `_start_embedded_ray`)."""
+def ensure_ray(address: str | None, num_cpus: int | None, dashboard: bool = True) -> str:
+    """Connect to `address`; without one, attach to the warm local Ray of `tda ray up` if there is one,
+    else start an embedded Ray (see `_start_embedded_ray`), with its dashboard only if `dashboard`.
+    Returns what it did, in words (for the run's output and record)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return "Ray already connected in this process"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address in (None, "", "local"):
-        _start_embedded_ray(num_cpus)
-        return
+        warm = _attach_warm_ray()
+        if warm is not None:
+            return f"attached to the warm Ray at {warm.address} ({warm.num_cpus} CPUs, `tda ray up`)"
+        _start_embedded_ray(num_cpus, dashboard)
+        return "started an embedded Ray" + (" with its dashboard" if dashboard else "")
     try:
         ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError) as exc:
@@ -134,13 +135,67 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
             f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}; check the address "
             "(`ray status` on the head node) or leave --ray-address out for an embedded Ray"
         ) from None
+    return f"connected to Ray at {address}"
 
 
-def _start_embedded_ray(num_cpus: int | None) -> None:
-    """A Ray of this process: loopback only, its own temp dir (removed at exit, or by a later run if
-    this driver is killed), the dashboard on 127.0.0.1 (Ray Train queries its state API)."""
-    import ray
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Let ray.init keep 127.0.0.1 as this node's IP: Ray binds its GCS, raylet, workers, agents and
+    Prometheus metrics servers to 127.0.0.1 only when that is the node IP, but ray.init turns a
+    127.0.0.1 node IP into the routable one (services.resolve_ip_for_localhost) unless multi-node
+    clusters are off, as on macOS/Windows; off for this call only (read when the node starts)."""
     from ray._private import ray_constants
+
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+
+
+def _attach_warm_ray() -> local_ray.WarmRay | None:
+    """Attach this driver to the recorded warm Ray; None (with a warning saying why, if one was
+    recorded) when there is none or it does not answer."""
+    import ray
+
+    warm, gone = local_ray.attachable()
+    if warm is None:
+        if gone:
+            log.warning("%s; starting an embedded Ray (`tda ray up` starts a new warm one)", gone)
+        return None
+    saved = {name: os.environ.get(name) for name in warm.auth_env()}
+    _set_auth_env(warm.auth_env())  # its own token
+    try:
+        with _loopback_node():
+            ray.init(address=warm.address, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError) as exc:
+        _set_auth_env(saved)
+        log.warning(
+            "the warm Ray at %s (pid %d) does not answer (%s); starting an embedded Ray",
+            warm.address,
+            warm.pid,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        return None
+    return warm
+
+
+def _set_auth_env(values: Mapping[str, str | None]) -> None:
+    """Set (None: unset) Ray's auth variables, and have Ray read them again: it reads its config once,
+    when imported, as its own `ray get-auth-token` path does (`_enable_token_auth`)."""
+    from ray._raylet import Config  # type: ignore[attr-defined]  # compiled; not in Ray's _raylet.pyi
+
+    for name, value in values.items():
+        os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+    Config.initialize("")
+
+
+def _start_embedded_ray(num_cpus: int | None, dashboard: bool = True) -> str:
+    """A Ray of this process: loopback only, its own temp dir (removed at exit, or by a later run if
+    this driver is killed), the dashboard on 127.0.0.1 if `dashboard` (Ray Train queries its state
+    API; it adds about 4 s to the start). Returns the temp dir."""
+    import ray
 
     # token auth stays on (Ray's default); only its "enabled by default" notice is hushed
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -150,24 +205,46 @@ def _start_embedded_ray(num_cpus: int | None) -> None:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "86400")
     temp_dir = ray_temp_dir()
     atexit.register(_stop_embedded_ray, temp_dir)
-    # nothing of an embedded run listens beyond loopback: Ray binds its GCS, raylet, workers, agents
-    # and Prometheus metrics servers to 127.0.0.1 only when that is the node IP, but ray.init turns
-    # a 127.0.0.1 node IP into the routable one (services.resolve_ip_for_localhost) unless multi-node
-    # clusters are off, as on macOS/Windows; off for this call only (read when the node starts)
-    clusters = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
+    # nothing of an embedded run listens beyond loopback (see _loopback_node)
+    with _loopback_node():
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=True,  # Ray Train's placement-group cleaner queries the state API
+            include_dashboard=dashboard,  # Ray Train's placement-group cleaner queries the state API
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             _temp_dir=temp_dir,
             logging_level=logging.WARNING,
         )
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = clusters
+    return temp_dir
+
+
+def serve_warm_ray(num_cpus: int) -> None:
+    """The process `tda ray up` starts (pipelines.local_ray): an embedded Ray with its dashboard,
+    recorded for runs to attach to, held until SIGTERM (then shut down, its temp folder removed)."""
+    import signal
+    import sys
+
+    import ray
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # atexit stops Ray and removes its folder
+    temp_dir = _start_embedded_ray(num_cpus, dashboard=True)
+    me = driver_info()
+    dashboard = ray._private.worker.get_dashboard_url() or ""
+    warm = local_ray.WarmRay(
+        address=ray.get_runtime_context().gcs_address,
+        pid=me["pid"],
+        pid_start=me["pid_start"],
+        temp_dir=temp_dir,
+        token_path=os.environ.get("RAY_AUTH_TOKEN_PATH", ""),
+        dashboard=dashboard,
+        num_cpus=int(ray.cluster_resources().get("CPU", num_cpus)),
+        started=now_iso(),
+    )
+    local_ray.write_record(warm)
+    print(f"warm Ray up at {warm.address} (dashboard {dashboard}), pid {warm.pid}", flush=True)
+    while True:
+        signal.pause()
 
 
 def _stop_embedded_ray(temp_dir: str) -> None:
@@ -213,15 +290,16 @@ class PlannedStep:
     upstream: tuple[str, ...]
 
 
-def _keyed_params(params: Any, keys: dict[str, str]) -> dict[str, Any]:
+def _keyed_params(params: StepParams, keys: dict[str, str]) -> dict[str, Any]:
     """Semantic params with every step reference replaced by that step's cache key."""
     data = params.semantic_params()
     for loc, ref in find_refs(params):
-        node = data
+        node: Any = data  # the dicts and lists down the reference's field path
         for part in loc[:-1]:
             node = node[part]
-        if loc[-1] in node or isinstance(node, list):
-            node[loc[-1]] = f"key:{keys[ref]}"
+        if isinstance(node, dict) and loc[-1] not in node:
+            continue  # in a field left out of the semantic params
+        node[loc[-1]] = f"key:{keys[ref]}"
     return data
 
 
@@ -276,13 +354,16 @@ class RunOptions:
     progress: bool = True
     raise_on_failure: bool = True
     run_id: str | None = None  # chosen by the caller (`tda submit` names the job after it)
+    # a run whose every step is cached, tracked in SQLite: its MLflow run is recorded by a detached
+    # process after this returns (`tda run` sets it; see docs/startup.md)
+    defer_tracking: bool = False
 
 
 @dataclass
 class _State:
     record: RunRecord
     store: Store
-    tracker: Tracker
+    tracker: Tracker | TrackingJournal
     progress: Progress
     planned: dict[str, PlannedStep]
     t_start: dict[str, float] = field(default_factory=dict)
@@ -345,17 +426,16 @@ def run(spec: SpecBase, **options: Any) -> Run:
         heartbeat=now_iso(),
     )
     for name, step in planned.items():
-        record.steps[name] = {
-            "kind": step.job.kind,
-            "key": step.job.key,
-            "status": "pending",
-            "cached": step.cached,
-            "rows": None,
-            "seconds": None,
-        }
+        record.steps[name] = StepRecord(step.job.kind, step.job.key, cached=step.cached)
     for step in planned.values():
         step.job = dataclasses.replace(step.job, tracking_uri=tracking_uri, run_id=record.run_id)
-    tracker = Tracker(tracking_uri, spec.name, _artifact_root(tracking_uri, store))
+    todo = any(not s.cached for s in planned.values())
+    deferred = opts.defer_tracking and not todo and sqlite_path(tracking_uri) is not None
+    tracker: Tracker | TrackingJournal = (
+        TrackingJournal(tracking_uri, spec.name)
+        if deferred
+        else Tracker(tracking_uri, spec.name, _artifact_root(tracking_uri, store))
+    )
     tracker.start(
         record.run_id,
         {"spec": spec.name, "run_id": record.run_id, "store": store.location},
@@ -368,23 +448,70 @@ def run(spec: SpecBase, **options: Any) -> Run:
     try:
         with state.progress:
             _run_cached(state)
-            todo = any(not s.cached for s in planned.values())
             if todo:
                 address, cpus = opts.ray_address or spec.run.ray_address, opts.num_cpus or spec.run.num_cpus
                 state.progress.set_phase(f"connecting to Ray at {address}" if address else "starting Ray")
-                record.timings["ray_start"] = _timed(ensure_ray, address, cpus)
+                t_ray = time.perf_counter()
+                record.driver["ray"] = ensure_ray(address, cpus, needs_dashboard(planned))
+                record.timings["ray_start"] = time.perf_counter() - t_ray
+                state.progress.set_phase(record.driver["ray"])
                 check_demands(spec, planned)
-            tracker.ready()  # it connected while Ray started; a bad tracking URI stops the run here
+            if sqlite_path(tracking_uri) is None:
+                tracker.ready()  # a server connected while Ray started; a bad URI stops the run here
             if todo:
                 state.progress.set_phase("running")
                 record.timings["execute"] = _timed(_schedule, state)
+            # a SQLite database (checked with the stdlib when the tracker was made) is opened while
+            # the first steps run: importing MLflow takes seconds (docs/startup.md)
+            tracker.ready()
     finally:
         _finish(state, time.perf_counter() - t0)
+    if isinstance(tracker, TrackingJournal):
+        _record_tracking_later(store, record.run_id)
     result = Run(store, record)
-    failed = {n: s.get("error", "") for n, s in record.steps.items() if s["status"] == "failed"}
+    failed = {n: s.error or "" for n, s in record.steps.items() if s.status == StepStatus.FAILED}
     if failed and opts.raise_on_failure:
         raise RunFailed(result, failed)
     return result
+
+
+def needs_dashboard(planned: dict[str, PlannedStep]) -> bool:
+    """Does a step to execute declare that it needs the Ray dashboard (`needs_ray_dashboard`)?"""
+    return any(not s.cached and type(s.job.params).needs_ray_dashboard for s in planned.values())
+
+
+def _record_tracking_later(store: Store, run_id: str) -> None:
+    """Start the detached process that records the MLflow run of `run_id` (`record_deferred_tracking`)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from pipelines.runner import record_deferred_tracking as r; r(*sys.argv[1:])"
+    subprocess.Popen(
+        [sys.executable, "-c", code, store.location, run_id],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # outlives this process and its terminal's Ctrl-C
+    )
+
+
+def record_deferred_tracking(store_location: str, run_id: str) -> None:
+    """Record in MLflow the run whose calls a TrackingJournal kept in its run record
+    (`mlflow.deferred`), then write the MLflow ids (or the errors) into the record."""
+    store = Store.open(store_location)
+    record = store.read_run(run_id)
+    entries = record.mlflow.get("deferred") or []
+    uri = record.mlflow["tracking_uri"]
+    try:
+        tracker = Tracker(uri, record.spec_name, _artifact_root(uri, store))
+        errors = replay(tracker, entries)
+        ids = {"experiment_id": tracker.experiment_id, "run_id": tracker.parent_id}
+    except Exception as exc:  # kept in the record: nobody watches this process's output
+        errors, ids = [f"{type(exc).__name__}: {exc}"], {}
+    record = store.read_run(run_id)
+    record.mlflow.pop("deferred", None)
+    record.mlflow.update(ids, **({"errors": errors[:20]} if errors else {}))
+    store.write_run(record)
 
 
 def check_demands(spec: SpecBase, planned: dict[str, PlannedStep]) -> None:
@@ -423,7 +550,8 @@ def _run_cached(state: _State) -> None:
         if step.cached:
             manifest = state.store.manifest(step.job.key) or {}  # the object itself is not fetched
             info = state.record.steps[name]
-            info.update(status="cached", rows=manifest.get("rows"), node=manifest.get("node"))
+            info.move_to(StepStatus.CACHED)
+            info.rows, info.node = manifest.get("rows"), manifest.get("node")
             _track(state, name, manifest.get("metrics", {}).items(), 0.0, "FINISHED", cached=True)
             state.progress.changed(name)
 
@@ -446,10 +574,10 @@ def _take_events(state: _State, channel: Any) -> None:
         return
     for event in events:
         name = event.get("step")
-        if name not in state.record.steps or state.record.steps[name]["status"] != "running":
+        if name not in state.record.steps or state.record.steps[name].status != StepStatus.RUNNING:
             continue
         if event["type"] == "progress":
-            state.record.steps[name]["progress"] = [event["done"], event["total"]]
+            state.record.steps[name].progress = (event["done"], event["total"])
             state.progress.advanced(name)
         elif event["type"] == "metrics":
             state.tracker.log_live(
@@ -473,18 +601,21 @@ def _schedule(state: _State) -> None:
     beat = 0.0
     while True:
         for name, step in state.planned.items():
-            if steps[name]["status"] != "pending":
+            info = steps[name]
+            if info.status != StepStatus.PENDING:
                 continue
-            ups = [steps[u]["status"] for u in step.upstream]
-            if any(s in ("failed", "skipped") for s in ups):
-                steps[name].update(status="skipped", error="an upstream step failed")
+            ups = [steps[u].status for u in step.upstream]
+            if any(s in (StepStatus.FAILED, StepStatus.SKIPPED) for s in ups):
+                info.move_to(StepStatus.SKIPPED)
+                info.error = "an upstream step failed"
                 state.progress.changed(name)
-            elif all(s in ("done", "cached") for s in ups):
+            elif all(s.has_output for s in ups):
                 job = dataclasses.replace(step.job, reporter=Reporter(name, channel))
                 ref = remote.options(**_ray_options(step.job)).remote(job)
                 pending[ref] = name
                 state.t_start[name] = time.time()
-                steps[name].update(status="running", t_start=time.perf_counter())
+                info.move_to(StepStatus.RUNNING)
+                info.t_start, info.started = time.perf_counter(), now_iso()
                 state.progress.changed(name)
         if not pending:
             break
@@ -503,16 +634,17 @@ def _collect(state: _State, name: str, ref: Any) -> None:
     import ray
 
     info = state.record.steps[name]
-    info.pop("t_start", None)
-    info.pop("progress", None)
+    info.t_start = info.progress = None
     try:
         outcome: StepOutcome = ray.get(ref)
     except Exception as exc:
-        error, text = _error_line(exc)
-        info.update(status="failed", error=error, traceback=text, seconds=time.time() - state.t_start[name])
-        _track(state, name, [], info["seconds"], "FAILED", cached=False)
+        info.move_to(StepStatus.FAILED)
+        info.error, info.traceback = _error_line(exc)
+        info.seconds = time.time() - state.t_start[name]
+        _track(state, name, [], info.seconds, "FAILED", cached=False)
     else:
-        info.update(status="done", rows=outcome.rows, seconds=outcome.seconds, node=outcome.node)
+        info.move_to(StepStatus.DONE)
+        info.rows, info.seconds, info.node = outcome.rows, outcome.seconds, outcome.node
         _track(
             state,
             name,
@@ -551,9 +683,11 @@ def _track(
 ) -> None:
     step = state.planned[name]
     info = state.record.steps[name]
-    series = history if history is not None else [(k, float(v), None) for k, v in metrics]
-    if info.get("rows") is not None:
-        series = [*series, ("rows", float(info["rows"]), None)]
+    series: list[tuple[str, float, int | None]] = (
+        history if history is not None else [(k, float(v), None) for k, v in metrics]
+    )
+    if info.rows is not None:
+        series = [*series, ("rows", float(info.rows), None)]
     series = [*series, ("wall_seconds", float(seconds), None)]
     end = time.time()
     state.tracker.log_step(
@@ -581,28 +715,29 @@ def _step_tags(state: _State, name: str, cached: bool) -> dict[str, str]:
 
 def _finish(state: _State, seconds: float) -> None:
     record = state.record
-    for _name, info in record.steps.items():
-        info.pop("t_start", None)
-        if info["status"] in ("pending", "running"):
-            info.update(
-                status="skipped" if info["status"] == "pending" else "failed",
-                error=info.get("error") or "the run was interrupted",
-            )
+    for info in record.steps.values():
+        info.t_start = None
+        if not info.status.is_terminal:  # pending: never started; running: its outcome never came
+            info.move_to(StepStatus.SKIPPED if info.status == StepStatus.PENDING else StepStatus.FAILED)
+            info.error = info.error or "the run was interrupted"
     _export(state)
     shutil.rmtree(state.store.root / "tmp" / record.run_id, ignore_errors=True)  # staging of failed tries
-    failed = any(i["status"] in ("failed", "skipped") for i in record.steps.values())
-    record.status = "failed" if failed else "succeeded"
+    failed = any(i.status in (StepStatus.FAILED, StepStatus.SKIPPED) for i in record.steps.values())
+    record.move_to(RunStatus.FAILED if failed else RunStatus.SUCCEEDED)
     record.finished, record.seconds = now_iso(), seconds
     state.tracker.finish(
         "FAILED" if failed else "FINISHED",
         {
             "wall_seconds": seconds,
-            "steps_executed": sum(i["status"] == "done" for i in record.steps.values()),
-            "steps_cached": sum(i["status"] == "cached" for i in record.steps.values()),
+            "steps_executed": sum(i.status == StepStatus.DONE for i in record.steps.values()),
+            "steps_cached": sum(i.status == StepStatus.CACHED for i in record.steps.values()),
         },
     )
     errors = state.tracker.close()
-    record.mlflow.update(experiment_id=state.tracker.experiment_id, run_id=state.tracker.parent_id)
+    if isinstance(state.tracker, TrackingJournal):  # recorded by another process (_record_tracking_later)
+        record.mlflow["deferred"] = state.tracker.entries
+    else:
+        record.mlflow.update(experiment_id=state.tracker.experiment_id, run_id=state.tracker.parent_id)
     if errors:
         record.mlflow["errors"] = errors[:20]
     if errors and state.tracker.connect_error is None:  # a connect error is raised by ready(), not warned
@@ -613,10 +748,11 @@ def _finish(state: _State, seconds: float) -> None:
 def _export(state: _State) -> None:
     for name, step in state.planned.items():
         target = step.job.params.export
-        if target and state.record.steps[name]["status"] in ("done", "cached"):
+        info = state.record.steps[name]
+        if target and info.status.has_output:
             try:
                 export_to_store(state.store, state.store.get(step.job.key), target)
             except (PipelineError, OSError) as exc:
-                state.record.steps[name]["export_error"] = f"{type(exc).__name__}: {exc}"
+                info.export_error = f"{type(exc).__name__}: {exc}"
             except Exception:  # an export must not lose the run record
-                state.record.steps[name]["export_error"] = traceback.format_exc(limit=1)
+                info.export_error = traceback.format_exc(limit=1)

@@ -79,6 +79,7 @@ class SpecSource:
     text: str
     locations: dict[Loc, str] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    nodes: int = 0  # values constructed from the YAML (a bound on alias expansion)
 
     @property
     def folder(self) -> Path:
@@ -123,14 +124,28 @@ def _check_tag(node: yaml.Node, source: SpecSource, loc: Loc) -> None:
     )
 
 
+MAX_NODES = 100_000  # a spec is a page of settings; aliases that expand past this are an attack
+
+
 def _construct(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, source: SpecSource) -> Any:
     _check_tag(node, source, loc)
+    source.nodes += 1
+    if source.nodes > MAX_NODES:
+        raise SpecError(
+            f"{_mark(source.path, node.start_mark)}: {dotted(loc) or 'spec'}: the spec expands to more than "
+            f"{MAX_NODES:,} values (aliases repeated inside aliases?); write it out without them"
+        )
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = _construct(loader, key_node, loc, source)
             here = _mark(source.path, key_node.start_mark)
+            if isinstance(key, list | dict):  # unhashable: it could be no key of a mapping
+                raise SpecError(
+                    f"{here}: {dotted(loc) or 'spec'}: a key must be a plain value (text or a number), not "
+                    f"a {type(key).__name__}; write the key as text"
+                )
             if key in out:
                 first = source.locations[(*loc, key)]
                 what = "duplicate step name" if loc == ("steps",) else "duplicate key"
@@ -159,6 +174,13 @@ def parse_yaml(text: str, path: str) -> tuple[Any, SpecSource]:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
         raise SpecError(f"{_mark(path, mark)}: YAML syntax error: {problem}") from None
+    except yaml.YAMLError as exc:  # e.g. a character YAML does not allow, without a mark
+        raise SpecError(f"{path}: YAML error: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    except RecursionError:  # nesting thousands deep, or an alias inside its own anchor
+        raise SpecError(
+            f"{path}: the YAML nests too deeply (or an alias refers to the value that contains it); "
+            "a spec is a few levels of mappings and lists"
+        ) from None
     finally:
         loader.dispose()
     return data, source
@@ -187,7 +209,8 @@ def apply_override(data: dict[str, Any], assignment: str, source: SpecSource) ->
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node.get(part), dict):
             if parts[0] == "steps" and i == 1:
-                known = ", ".join(data.get("steps") or {})
+                steps = data.get("steps")
+                known = ", ".join(map(str, steps)) if isinstance(steps, dict) and steps else "none"
                 raise SpecError(f"{source.path}: --set {assignment}: no step {part!r}; steps: {known}")
             node[part] = {}
         node = node[part]
@@ -240,6 +263,14 @@ def _precheck_steps(data: dict[str, Any], source: SpecSource) -> list[str]:
             errors.append(
                 source.error(loc, f"missing required field 'kind'; known kinds: {', '.join(known)}")
             )
+        elif not isinstance(step["kind"], str):
+            errors.append(
+                source.error(
+                    (*loc, "kind"),
+                    f"kind must be the name of a step kind (text), not a {type(step['kind']).__name__}; "
+                    f"known kinds: {', '.join(known)}",
+                )
+            )
         elif step["kind"] not in known:
             errors.append(source.error((*loc, "kind"), registry.unknown_kind_message(step["kind"], known)))
     return errors
@@ -270,7 +301,8 @@ def _pydantic_errors(
 def _unknown_field_message(loc: Loc, data: dict[str, Any], model: type[BaseModel]) -> str:
     fields: list[str] = []
     if len(loc) == 3 and loc[0] == "steps":
-        kind = registry.kinds().get(((data.get("steps") or {}).get(loc[1]) or {}).get("kind"))
+        name = ((data.get("steps") or {}).get(loc[1]) or {}).get("kind")
+        kind = registry.kinds().get(name) if isinstance(name, str) else None
         fields = list(kind.params.model_fields) if kind else []
     elif len(loc) == 1:
         fields = list(model.model_fields)
@@ -302,6 +334,13 @@ def validate(data: Any, source: SpecSource) -> SpecBase:
     from pipelines.dag import build_dag
 
     build_dag(spec)  # unknown references and cycles are spec errors too
+    problems = [
+        source.error(("steps", name, *loc), message)
+        for name, step in spec.steps.items()
+        for loc, message in step.check_references(spec.steps)
+    ]
+    if problems:
+        raise SpecError(problems)
     unknown = [(i, name) for i, name in enumerate(spec.run.show) if name not in spec.steps]
     if unknown:
         raise SpecError(

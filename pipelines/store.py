@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from pipelines.errors import CorruptObject, StoreError
 from pipelines.housekeeping import driver_gone, mark_interrupted
 from pipelines.integrity import describe_files, find_problem, listed_files
 from pipelines.params import is_uri
+from pipelines.status import RunStatus, StepRecord
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
@@ -57,6 +58,14 @@ def cache_key(kind: str, version: str, params: dict[str, Any], fingerprint: str 
         "schema_version": SCHEMA_VERSION,
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def json_object(text: str | bytes) -> dict[str, Any]:
+    """The JSON object in `text`; ValueError if it is not JSON or holds no object (a list, a number…)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, found a {type(value).__name__}")
+    return value
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -83,7 +92,7 @@ class StoredObject:
 
     @property
     def manifest(self) -> dict[str, Any]:
-        return json.loads((self.dir / "manifest.json").read_text(encoding="utf-8"))
+        return json_object((self.dir / "manifest.json").read_text(encoding="utf-8"))
 
     @property
     def data_dir(self) -> Path:
@@ -175,7 +184,7 @@ class Store:
     def manifest(self, key: str) -> dict[str, Any] | None:
         """The manifest of object `key` (None if there is none), without materialising the object."""
         try:
-            return json.loads((self.object_dir(key) / "manifest.json").read_text(encoding="utf-8"))
+            return json_object((self.object_dir(key) / "manifest.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (ValueError, OSError):  # unreadable: not an object
@@ -199,7 +208,8 @@ class Store:
     def verify(self, key: str, hashes: bool = True, memo: bool = True) -> dict[str, Any]:
         """Check object `key` against its manifest and return the manifest; StoreError if there is no
         object, CorruptObject (after quarantining it) if its files differ from the manifest."""
-        for _attempt in range(2):
+        retried = False
+        while True:
             manifest = self.manifest(key)
             files = listed_files(manifest)
             if manifest is None or files is None:
@@ -207,9 +217,9 @@ class Store:
             problem = find_problem(self.object_dir(key), files, hashes, memo)
             if problem is None:
                 return manifest
-            if self.manifest(key) == manifest:  # not a forced re-run replacing it under our feet
-                break
-        raise self._corrupt(key, manifest, problem)
+            if retried or self.manifest(key) == manifest:  # else a forced re-run replaced it: look again
+                raise self._corrupt(key, manifest, problem)
+            retried = True
 
     def _corrupt(self, key: str, manifest: dict[str, Any], problem: str) -> CorruptObject:
         where = self.quarantine(key)
@@ -299,7 +309,7 @@ class Store:
         return self.root / "runs" / f"{run_id}.json"
 
     def write_run(self, record: RunRecord) -> None:
-        write_json_atomic(self.run_path(record.run_id), asdict(record))
+        write_json_atomic(self.run_path(record.run_id), record.to_json())
 
     def run_ids(self) -> list[str]:
         """Every run id, oldest first (ids sort by start time)."""
@@ -314,7 +324,7 @@ class Store:
         ids = self.run_ids()
         if not ids:
             raise StoreError(f"{self.location}: no runs in this store; run a spec with `tda run SPEC`")
-        if run_id in (None, "latest"):
+        if run_id is None or run_id == "latest":
             return self._latest(ids)
         matches = [i for i in ids if i == run_id] or [i for i in ids if i.startswith(run_id)]
         if len(matches) != 1:
@@ -341,7 +351,7 @@ class Store:
         where = self.locate("runs", f"{run_id}.json")
         try:
             data = self._run_data(run_id)
-            record = RunRecord(**{k: v for k, v in data.items() if k in RUN_FIELDS})
+            record = RunRecord.from_json(data)
         except (ValueError, TypeError, AttributeError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise StoreError(
@@ -353,7 +363,7 @@ class Store:
         return record
 
     def _run_data(self, run_id: str) -> dict[str, Any]:
-        return json.loads(self.run_path(run_id).read_text(encoding="utf-8"))
+        return json_object(self.run_path(run_id).read_text(encoding="utf-8"))
 
 
 @dataclass
@@ -365,16 +375,42 @@ class RunRecord:
     spec_path: str
     store: str
     spec: dict[str, Any]
-    status: str = "running"
+    status: RunStatus = RunStatus.RUNNING
     started: str = field(default_factory=now_iso)
     finished: str | None = None
     seconds: float | None = None
-    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    steps: dict[str, StepRecord] = field(default_factory=dict)
     mlflow: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # ray_start, execute (seconds)
     overrides: list[str] = field(default_factory=list)
     driver: dict[str, Any] = field(default_factory=dict)  # host, pid, pid_start: who runs it
     heartbeat: str | None = None  # refreshed while the driver schedules steps
+
+    def __post_init__(self) -> None:
+        """Statuses and steps given as the JSON holds them (strings, dicts) become typed."""
+        self.status = RunStatus(self.status)
+        self.steps = {
+            name: step if isinstance(step, StepRecord) else StepRecord.from_json(step)
+            for name, step in self.steps.items()
+        }
+
+    def move_to(self, new: RunStatus) -> None:
+        """Change the run's status; IllegalTransition if pipelines/status.py has no such move."""
+        self.status = self.status.check_move(RunStatus(new))
+
+    def to_json(self) -> dict[str, Any]:
+        """What `runs/<run_id>.json` holds: plain JSON values, each step as `StepRecord.to_json`."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(status=self.status.value, steps={n: s.to_json() for n, s in self.steps.items()})
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunRecord:
+        """A record as read from JSON (of this or an older version: keys it does not know are
+        skipped); ValueError or TypeError if it is not one."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a run record is an object, not {type(data).__name__}")
+        return cls(**{k: v for k, v in data.items() if k in RUN_FIELDS})
 
 
 RUN_FIELDS = frozenset(RunRecord.__dataclass_fields__)

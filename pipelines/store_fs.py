@@ -23,7 +23,6 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import pyarrow.fs as pafs
 
 from pipelines.errors import CorruptObject, StoreError
 from pipelines.integrity import describe_files, find_problem, listed_files
-from pipelines.store import RunRecord, Store, StoredObject, write_json_atomic
+from pipelines.store import RunRecord, Store, StoredObject, json_object, write_json_atomic
 
 ATOMIC_PUT = frozenset({"s3", "gcs", "abfs"})  # filesystems where one put replaces a whole object at once
 COPY_THREADS = 8
@@ -99,7 +98,8 @@ class FsStore(Store):
         with self._io(f"read {path}"):
             try:
                 with self.fs.open_input_stream(path) as src:
-                    return src.read()
+                    data: bytes = src.read()
+                    return data
             except FileNotFoundError:
                 return None
 
@@ -162,7 +162,7 @@ class FsStore(Store):
     def manifest(self, key: str) -> dict[str, Any] | None:
         data = self._read(self._path("objects", key, "manifest.json"))
         try:
-            return None if data is None else json.loads(data)
+            return None if data is None else json_object(data)
         except ValueError:
             return None
 
@@ -184,7 +184,7 @@ class FsStore(Store):
             digests = dict(zip(files, seen, strict=True))
             problem = _mismatch(files, digests)
             if problem is not None:
-                raise self._corrupt(key, json.loads(data), problem)
+                raise self._corrupt(key, json_object(data), problem)
             (tmp / "manifest.json").write_bytes(data)  # last, as in the store
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -302,7 +302,7 @@ class FsStore(Store):
 
     # runs ---------------------------------------------------------------------
     def write_run(self, record: RunRecord) -> None:
-        data = (json.dumps(asdict(record), indent=2, default=str) + "\n").encode()
+        data = (json.dumps(record.to_json(), indent=2, default=str) + "\n").encode()
         with self._io(f"write run {record.run_id}"):
             self._put(self._path("runs", f"{record.run_id}.json"), data)
 
@@ -316,12 +316,12 @@ class FsStore(Store):
         data = self._read(self._path("runs", f"{run_id}.json"))
         if data is None:
             raise StoreError(f"{self.uri}: run {run_id} vanished while reading it; see `tda runs`")
-        return json.loads(data)
+        return json_object(data)
 
 
 def _loads(data: bytes | None) -> dict[str, Any] | None:
     try:
-        return None if data is None else json.loads(data)
+        return None if data is None else json_object(data)
     except ValueError:
         return None
 

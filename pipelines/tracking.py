@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import PipelineError
+from pipelines.errors import DatabaseBusy, TrackingError
 
 MAX_PARAM_LENGTH = 6000
 _NOT_IN_METRIC_NAMES = re.compile(r"[^A-Za-z0-9_\-. :/]")  # what MLflow accepts in a metric name
@@ -38,16 +38,6 @@ def metric_name(key: str) -> str:
 
 
 LOCK_TIMEOUT_S = 300.0  # creating a new database takes seconds; a held lock this long is a hung run
-
-
-class TrackingError(PipelineError):
-    """The tracking server could not be reached or refused a request."""
-
-    exit_code = 2
-
-
-class DatabaseBusy(TrackingError):
-    """Another process held a SQLite tracking database's lock for longer than we waited."""
 
 
 def default_tracking_uri(store_root: Path) -> str:
@@ -248,14 +238,18 @@ class Tracker:
         if self._connect_error:
             raise self._connect_error
 
-    def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
-        """Queue the parent run; its id is `parent_id` once `close()` returned."""
-        self._jobs.put(lambda: self._start(run_name, tags, params))
+    def start(
+        self, run_name: str, tags: dict[str, str], params: dict[str, Any], at: float | None = None
+    ) -> None:
+        """Queue the parent run (started `at`, a time.time(); default now); its id is `parent_id` once
+        `close()` returned."""
+        stamp = _ms(time.time() if at is None else at)
+        self._jobs.put(lambda: self._start(run_name, tags, params, stamp))
 
-    def _start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
+    def _start(self, run_name: str, tags: dict[str, str], params: dict[str, Any], stamp: int) -> None:
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run = self.client.create_run(self.experiment_id, start_time=stamp, run_name=run_name, tags=tags)
         self.parent_id = run.info.run_id
         self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in flatten(params).items()])
 
@@ -349,9 +343,10 @@ class Tracker:
             self.client.log_artifacts(run_id, artifacts)
         self.client.set_terminated(run_id, status=status, end_time=stamp)
 
-    def finish(self, status: str, metrics: dict[str, float]) -> None:
-        """Queue the parent run's final metrics and status."""
-        self._jobs.put(lambda: self._finish(status, metrics, _ms(time.time())))
+    def finish(self, status: str, metrics: dict[str, float], at: float | None = None) -> None:
+        """Queue the parent run's final metrics and status (ended `at`; default now)."""
+        stamp = _ms(time.time() if at is None else at)
+        self._jobs.put(lambda: self._finish(status, metrics, stamp))
 
     def _finish(self, status: str, metrics: dict[str, float], stamp: int) -> None:
         from mlflow.entities import Metric
@@ -365,6 +360,56 @@ class Tracker:
         self._jobs.put(None)
         self._thread.join()
         return [str(self._connect_error)] if self._connect_error else self._errors
+
+
+class TrackingJournal:
+    """Stands in for a Tracker where the MLflow run is recorded later, by another process: it notes
+    each call (with its time) as JSON-ready data, `entries`, that `replay` feeds to a real Tracker.
+
+    A run whose every step is cached does only milliseconds of work, and importing MLflow and its SQL
+    store costs seconds (docs/startup.md); `tda run` hands such a run's MLflow record to a detached
+    process. The SQLite database is still checked here first (stdlib, milliseconds).
+    """
+
+    experiment_id: str | None = None
+    parent_id: str | None = None
+    connect_error: TrackingError | None = None
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.entries: list[dict[str, Any]] = []
+        check_database(tracking_uri)
+
+    def _note(self, call: str, **kwargs: Any) -> None:
+        self.entries.append({"call": call, **kwargs})
+
+    def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> None:
+        self._note("start", run_name=run_name, tags=tags, params=params, at=time.time())
+
+    def log_step(self, name: str, **kwargs: Any) -> None:
+        self._note("log_step", name=name, **kwargs)
+
+    def log_live(self, name: str, **kwargs: Any) -> None:
+        self._note("log_live", name=name, **kwargs)
+
+    def finish(self, status: str, metrics: dict[str, float]) -> None:
+        self._note("finish", status=status, metrics=metrics, at=time.time())
+
+    def ready(self) -> None:
+        """Nothing to wait for: nothing connects in this process."""
+
+    def close(self) -> list[str]:
+        return []
+
+
+def replay(tracker: Tracker, entries: list[dict[str, Any]]) -> list[str]:
+    """Feed a TrackingJournal's `entries` to `tracker`; returns the errors `close()` met."""
+    for entry in entries:
+        args = {k: v for k, v in entry.items() if k != "call"}
+        if entry["call"] in ("log_step", "log_live"):
+            args["metrics"] = [tuple(m) for m in args["metrics"]]
+        getattr(tracker, entry["call"])(**args)
+    return tracker.close()
 
 
 def check_database(tracking_uri: str) -> None:

@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # toy kinds for subprocesses (`tda …`) too; this process registers them below
 os.environ["PIPELINES_PLUGINS"] = "tests.pipelines.toy_steps"
+# a warm Ray of `tda ray up` on this machine is not the tests' (they start their own, of 4 CPUs)
+os.environ["TDA_RAY_DIR"] = os.path.join(os.path.dirname(__file__), ".no-warm-ray")
 
 import textwrap  # noqa: E402
 from pathlib import Path  # noqa: E402

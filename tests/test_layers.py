@@ -56,3 +56,24 @@ def test_import_linter_contracts_hold():
     lint = Path(sys.executable).with_name("lint-imports")
     done = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_new_engine_module_is_covered_by_the_contracts(tmp_path):
+    """The contracts name whole packages: a module added to `pipelines` (here a copy of the code with a
+    probe module) that imports mlflow, ray or tda breaks them without any list being edited."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package in ("pipelines", "tda"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=skip)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    (tmp_path / "pipelines" / "steps" / "probe.py").write_text("import mlflow\nimport ray\nimport tda\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    lint = Path(sys.executable).with_name("lint-imports")
+    done = subprocess.run([str(lint)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    for target in ("mlflow", "ray", "tda"):
+        assert f"pipelines.steps.probe -> {target}" in done.stdout, done.stdout

@@ -81,7 +81,7 @@ def _read_one(path: str, fmt: Format) -> pl.DataFrame:
         fs, inner = pafs.FileSystem.from_uri(path)
         with fs.open_input_file(inner) as handle:
             data = handle.read()
-        source: object = data
+        source: str | bytes = data
     else:
         source = path
     if fmt == "parquet":

@@ -1,19 +1,6 @@
-"""Training AirRep from subset experiments: labels, episodes, the weighted RankNet loss, the loop.
+"""Training AirRep from subset experiments: episodes, the weighted RankNet loss, validation, the loop.
 
-Data. `Experiments` holds the training pool (example ids and texts), the targets, the fit subsets (as
-row positions into the pool) and the labels: per target, the losses of the subsets it was measured on,
-z-normalised over the train subsets, sign-flipped (higher = the subset helped) and clipped to ±10.
-
-Which pairs are labels (`labels`). Targets are never in a pool, so a fine-tune on any subset measures
-a valid effect on every target: `all` (the default) labels every (fit target, train subset) pair the
-effects measured, across splits; `own_split` keeps only a split's subsets on that split's targets (the
-AirRep paper's layout, three quarters fewer labels with 4 splits).
-
-Roles. Targets are split into `fit` (trained on), `val` (model selection) and `heldout` (never seen:
-the reported LDS); the fit subsets into `train` and `val` subsets, by `role_seed`, which nothing else
-uses: the training seed (episodes) can change while the roles stay put. The experiments' `eval`
-subsets are not touched here; they stay held out for the LDS step. Validation LDS = val targets × val
-subsets.
+The experiments (texts, subsets, roles and labels) come from `tda.airrep.experiments`.
 
 A step is `episodes_per_step` episodes. An episode samples `targets_per_episode` fit targets and
 `subsets_per_episode` train subsets (with `own_split`: of one split); member scores s = e(t)·e(z)
@@ -49,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,10 +48,11 @@ from tda.airrep.checkpoint import (
     unreadable,
     write_checkpoint,
 )
-from tda.airrep.model import AirRep, attention_pool, example_text
+from tda.airrep.experiments import Experiments
+from tda.airrep.model import AirRep, attention_pool
 from tda.errors import DataError
 
-LABEL_CLIP, WEIGHT_CLIP = 10.0, 10.0
+WEIGHT_CLIP = 10.0
 
 
 @dataclass(frozen=True)
@@ -87,196 +74,11 @@ class TrainConfig:
     eval_every: int = 25
     checkpoint_every: int = 25
     batch_size: int = 128  # examples per encoder forward
-    labels: str = "all"  # all | own_split (see the module docstring)
+    labels: str = "all"  # all | own_split (see tda.airrep.experiments)
     temperature: float = 1.0  # τ of the attention over f(t)·f(z): its start when learned
     learn_temperature: bool = False
     normalize: bool = False  # L2-normalise f before the scale
     seed: int = 0  # episodes (the roles have their own seed)
-
-
-@dataclass
-class Experiments:
-    """What AirRep learns from; rows index `texts` = pool examples followed by targets."""
-
-    example_ids: np.ndarray  # (n,) pool examples
-    target_ids: np.ndarray  # (m,)
-    texts: list[str]  # n + m texts
-    subset_ids: np.ndarray  # (J,) fit subsets
-    members: list[np.ndarray]  # J arrays of pool rows
-    subset_split: np.ndarray  # (J,) split of each subset
-    subset_role: np.ndarray  # (J,) "train" | "val"
-    target_split: np.ndarray  # (m,)
-    target_role: np.ndarray  # (m,) "fit" | "val" | "heldout"
-    labels: np.ndarray  # (J, m) float32, NaN where not measured (or, with own_split, other split)
-    measured: np.ndarray | None = None  # (J, m) −loss of every measured pair, any split (validation)
-
-    @property
-    def n(self) -> int:
-        return len(self.example_ids)
-
-    def target_rows(self, positions: np.ndarray) -> np.ndarray:
-        return self.n + positions
-
-
-# --------------------------------------------------------------------------- building the data
-
-
-def assign_roles(
-    ids: np.ndarray, splits: np.ndarray, fractions: dict[str, float], default: str, seed: int
-) -> np.ndarray:
-    """A role per id: within each split, round(fraction·count) ids get each named role, the rest
-    `default`; the draw depends on the ids and the seed only."""
-    rng = np.random.default_rng(seed)
-    roles = np.full(len(ids), default, dtype=object)
-    for s in np.unique(splits):
-        where = np.flatnonzero(splits == s)
-        where = where[rng.permutation(len(where))]
-        start = 0
-        for role, fraction in fractions.items():
-            count = int(round(fraction * len(where)))
-            roles[where[start : start + count]] = role
-            start += count
-    return roles.astype(str)
-
-
-def normalised_labels(losses: np.ndarray, use: np.ndarray) -> np.ndarray:
-    """Per column: −(loss − mean)/std over the rows where `use` (and the loss is known), clipped ±10.
-
-    losses: (J, m) with NaN where unmeasured; use: (J,) bool, the subsets whose statistics count.
-    """
-    ref = np.where(use[:, None], losses, np.nan)
-    with np.errstate(invalid="ignore"), _quiet_nan_warnings():
-        mean = np.nanmean(ref, axis=0)
-        std = np.nanstd(ref, axis=0)
-    std = np.where(std > 0, std, np.inf)  # a constant column gives 0 labels: nothing to rank
-    return np.clip(-(losses - mean) / std, -LABEL_CLIP, LABEL_CLIP).astype(np.float32)
-
-
-class _quiet_nan_warnings:
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._ctx.__exit__(*exc)
-
-
-def build_experiments(
-    split_table: pl.DataFrame,
-    subsets: pl.DataFrame,
-    effects: pl.DataFrame,
-    *,
-    heldout_targets: float,
-    val_fraction: float,
-    seed: int,
-    labels: str = "all",
-) -> Experiments:
-    """Experiments from a split corpus table, a subsets table and an effects table (see the tables).
-
-    Only `fit` subsets are used. `seed` draws the roles (and only them). `labels`: `all` labels every
-    measured (fit subset, target) pair; `own_split` (in the AirRep layout, a `split_id` column) only a
-    split's subsets on that split's targets.
-    """
-    if labels not in ("all", "own_split"):
-        raise DataError(f"labels {labels!r} is unknown; choose all or own_split")
-    for name, frame, cols in (
-        ("data", split_table, ("example_id", "prompt", "response", "split")),
-        ("subsets", subsets, ("subset_id", "example_id", "purpose")),
-        ("effects", effects, ("subset_id", "target_id", "loss")),
-    ):
-        missing = [c for c in cols if c not in frame.columns]
-        if missing:
-            raise DataError(
-                f"{name}: lacks column(s) {', '.join(missing)}; it has {', '.join(frame.columns)}"
-            )
-    train = split_table.filter(pl.col("split") == "train").sort("example_id")
-    targets = split_table.filter(pl.col("split") == "target").sort("example_id")
-    has_split = "split_id" in subsets.columns
-    fit = subsets.filter(pl.col("purpose") == "fit")
-    if fit.is_empty():
-        raise DataError("subsets: no `fit` subsets to learn from; sample subsets with eval_fraction < 1")
-    example_ids = train["example_id"].to_numpy()
-    target_ids = targets["example_id"].to_numpy()
-    pos = {int(e): i for i, e in enumerate(example_ids)}
-    grouped = fit.group_by("subset_id").agg(
-        pl.col("example_id"), (pl.col("split_id").first() if has_split else pl.lit(0)).alias("split_id")
-    )
-    grouped = grouped.sort("subset_id")
-    subset_ids = grouped["subset_id"].to_numpy()
-    members = []
-    for sid, ids in zip(subset_ids, grouped["example_id"].to_list(), strict=True):
-        try:
-            members.append(np.array([pos[int(e)] for e in ids], dtype=np.int64))
-        except KeyError as exc:
-            raise DataError(
-                f"subsets: subset {sid} has example_id {exc.args[0]}, which is not a training row of `data`; "
-                "sample the subsets from the same split step"
-            ) from None
-    subset_split = grouped["split_id"].to_numpy().astype(np.int64)
-    target_split = np.zeros(len(target_ids), dtype=np.int64)
-    if has_split:
-        tmap = subsets.filter(pl.col("purpose") == "target").select("example_id", "split_id")
-        if tmap.height:
-            lookup = dict(zip(tmap["example_id"].to_list(), tmap["split_id"].to_list(), strict=True))
-            target_split = np.array([lookup.get(int(t), -1) for t in target_ids], dtype=np.int64)
-    losses = _loss_matrix(effects, subset_ids, target_ids)
-    measured = -losses.astype(np.float32)  # validation ranks subsets of every split
-    if labels == "own_split":
-        losses[subset_split[:, None] != target_split[None, :]] = np.nan
-    subset_role = assign_roles(subset_ids, subset_split, {"val": val_fraction}, "train", seed)
-    target_role = assign_roles(
-        target_ids, target_split, {"heldout": heldout_targets, "val": val_fraction}, "fit", seed + 1
-    )
-    target_role = np.where(target_split < 0, "unused", target_role)  # not in place: "<U3" would truncate
-    label_matrix = normalised_labels(losses, subset_role == "train")
-    texts = [example_text(p, r) for p, r in zip(train["prompt"], train["response"], strict=True)]
-    texts += [example_text(p, r) for p, r in zip(targets["prompt"], targets["response"], strict=True)]
-    exp = Experiments(
-        example_ids,
-        target_ids,
-        texts,
-        subset_ids,
-        members,
-        subset_split,
-        subset_role,
-        target_split,
-        target_role,
-        label_matrix,
-        measured,
-    )
-    check_rankable(exp, losses)
-    return exp
-
-
-def _loss_matrix(effects: pl.DataFrame, subset_ids: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
-    rows = effects.filter(pl.col("subset_id").is_in(subset_ids) & pl.col("target_id").is_in(target_ids))
-    rows = rows.group_by("subset_id", "target_id").agg(pl.col("loss").cast(pl.Float64).mean())
-    losses = np.full((len(subset_ids), len(target_ids)), np.nan)
-    losses[np.searchsorted(subset_ids, rows["subset_id"]), np.searchsorted(target_ids, rows["target_id"])] = (
-        rows["loss"].to_numpy()
-    )
-    return losses
-
-
-def check_rankable(exp: Experiments, losses: np.ndarray) -> None:
-    """Every fit target needs losses on ≥ 2 train subsets (a ranking needs two things to order)."""
-    train = exp.subset_role == "train"
-    fit = np.flatnonzero(exp.target_role == "fit")
-    if len(fit) == 0:
-        raise DataError(
-            "train_airrep: no fit targets are left after heldout_targets and val_fraction; lower them"
-        )
-    counts = np.isfinite(losses[train][:, fit]).sum(axis=0)
-    if counts.min() < 2:
-        worst = fit[int(np.argmin(counts))]
-        raise DataError(
-            f"effects: target {exp.target_ids[worst]} has losses for {int(counts.min())} train subset(s); "
-            "AirRep ranks subsets per target, so measure every target on at least 2 fit subsets "
-            "(more n_subsets, or a lower val_fraction)"
-        )
 
 
 # --------------------------------------------------------------------------- features
@@ -449,6 +251,24 @@ class TrainState:
     resumed_from: list[int] = field(default_factory=list)  # checkpoint steps this run restarted from
 
 
+@dataclass
+class Loop:
+    """What every step of `train` uses: the experiments, the features, the trained parameters and their
+    optimizer, and this worker's place among the workers."""
+
+    model: AirRep
+    exp: Experiments
+    config: TrainConfig
+    embed: Featurizer
+    optimizer: torch.optim.Optimizer
+    names: list[str]  # the trained parameters' names, in `params` order
+    params: list[torch.nn.Parameter]
+    start: dict[str, Tensor]  # the anchor's starting values ({} without an anchor)
+    rank: int = 0
+    world: int = 1
+    distributed: bool = False
+
+
 def trained_parameters(model: AirRep) -> dict[str, Tensor]:
     return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
 
@@ -468,14 +288,44 @@ def train(
     the model holds the best validation parameters (the last ones when there is no validation).
     `on_step` receives rank 0's record of every step (step, loss, grad_norm, lr, val_lds when
     validated; step 0's validation too) as it happens, for live progress and metrics."""
-    import torch.distributed as dist
+    loop = _setup(model, exp, config, device, log)
+    state = _resumed(checkpoint_dir, model, loop.optimizer, loop.names, log)
+    if state.step == 0 and not state.history and config.eval_every and loop.rank == 0:
+        record: dict[str, float] = {"step": 0}
+        _validate(loop, state, record)  # the untrained model is a candidate too
+        state.history.append(record)
+        if on_step is not None:
+            on_step(record)
+    while state.step < config.steps:
+        record = _step(loop, state.step)
+        state.step += 1
+        if config.eval_every and _at(state.step, config.eval_every, config) and loop.rank == 0:
+            _validate(loop, state, record)
+        state.history.append(record)
+        if on_step is not None and loop.rank == 0:
+            on_step(record)
+        if loop.rank == 0 and checkpoint_dir is not None and _at(state.step, config.checkpoint_every, config):
+            _save(checkpoint_dir, state, model, loop.optimizer, loop.names)
+        if report is not None and _at(state.step, config.checkpoint_every, config):
+            report(record)
+        if log and (state.step % max(1, config.steps // 10) == 0 or state.step == 1):
+            extra = f" val_lds {record['val_lds']:.3f}" if "val_lds" in record else ""
+            log(f"step {state.step}/{config.steps} loss {record['loss']:.4f}{extra}")
+    if state.best_params is not None:
+        _load_params(model, state.best_params)
+    return state
 
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if config.episodes_per_step % world:
-        raise DataError(
-            f"episodes_per_step {config.episodes_per_step} must be a multiple of num_workers {world}"
-        )
+
+def _setup(
+    model: AirRep,
+    exp: Experiments,
+    config: TrainConfig,
+    device: torch.device | None,
+    log: Callable[[str], None] | None,
+) -> Loop:
+    """Find the workers, make the recipe's parameters trainable, cache the frozen features, build the
+    optimizer and keep the anchor's starting values."""
+    rank, world, distributed = _workers(config)
     model.set_temperature(config.temperature, config.normalize)
     params = model.set_trainable(config.trainable, config.n_layers, config.learn_temperature)
     t0 = time.perf_counter()
@@ -485,6 +335,27 @@ def train(
             f"cached {config.trainable} features of {len(exp.texts)} texts in {time.perf_counter() - t0:.1f}s"
         )
     names = [k for k, p in model.named_parameters() if p.requires_grad]
+    optimizer = _optimizer(model, config)
+    start = trained_parameters(model) if config.anchor > 0 else {}
+    return Loop(model, exp, config, embed, optimizer, names, params, start, rank, world, distributed)
+
+
+def _workers(config: TrainConfig) -> tuple[int, int, bool]:
+    """(rank, world size, distributed) of this worker; every worker takes the same share of episodes."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if config.episodes_per_step % world:
+        raise DataError(
+            f"episodes_per_step {config.episodes_per_step} must be a multiple of num_workers {world}"
+        )
+    return rank, world, distributed
+
+
+def _optimizer(model: AirRep, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trained parameters: the head (projection, scale) at projection_lr, the body at lr;
+    each group keeps its `base_lr` for the schedule."""
     head = ("projection.", "log_scale")
     proj = [p for k, p in model.named_parameters() if p.requires_grad and k.startswith(head)]
     body = [p for k, p in model.named_parameters() if p.requires_grad and not k.startswith(head)]
@@ -494,58 +365,30 @@ def train(
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
-    start = trained_parameters(model) if config.anchor > 0 else {}
-    state = _resumed(checkpoint_dir, model, optimizer, names, log)
-    if state.step == 0 and not state.history and config.eval_every and rank == 0:
-        val = validation_lds(exp, embed)  # the untrained model is a candidate too
-        state.history.append({"step": 0, "val_lds": val})
-        if on_step is not None:
-            on_step(state.history[-1])
-        if math.isfinite(val):
-            state.best_lds, state.best_step, state.best_params = val, 0, trained_parameters(model)
-    while state.step < config.steps:
-        step = state.step
-        factor = _lr_factor(step, config)
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * factor
-        optimizer.zero_grad(set_to_none=False)
-        local = 0.0
-        for number in range(rank, config.episodes_per_step, world):
-            loss = episode_loss(exp, embed, episode(exp, config, step, number)) / config.episodes_per_step
-            loss.backward()
-            local += float(loss.detach())
-        if start and rank == 0:  # the penalty's gradient enters once, before the all-reduce
-            drift = sum(((p - start[k]) ** 2).sum() for k, p in zip(names, params, strict=True))
-            (config.anchor * drift).backward()
-        loss_value = _all_reduce(params, local, distributed)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-        optimizer.step()
-        state.step = step + 1
-        record = {"step": state.step, "loss": loss_value, "grad_norm": grad_norm, "lr": config.lr * factor}
-        due = config.eval_every and (state.step % config.eval_every == 0 or state.step == config.steps)
-        if due and rank == 0:
-            val = validation_lds(exp, embed)
-            record["val_lds"] = val
-            if math.isfinite(val) and val > state.best_lds:
-                state.best_lds, state.best_step = val, state.step
-                state.best_params = trained_parameters(model)
-        state.history.append(record)
-        if on_step is not None and rank == 0:
-            on_step(record)
-        if (
-            rank == 0
-            and checkpoint_dir is not None
-            and (state.step % config.checkpoint_every == 0 or state.step == config.steps)
-        ):
-            _save(checkpoint_dir, state, model, optimizer, names)
-        if report is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
-            report(record)
-        if log and (state.step % max(1, config.steps // 10) == 0 or state.step == 1):
-            extra = f" val_lds {record['val_lds']:.3f}" if "val_lds" in record else ""
-            log(f"step {state.step}/{config.steps} loss {loss_value:.4f}{extra}")
-    if state.best_params is not None:
-        _load_params(model, state.best_params)
-    return state
+    return optimizer
+
+
+def _step(loop: Loop, step: int) -> dict[str, float]:
+    """One optimizer step (number `step`, from 0): schedule, this worker's episodes, the anchor, the
+    all-reduce, clipping; returns its record (step + 1, loss, grad_norm, lr)."""
+    config = loop.config
+    factor = _lr_factor(step, config)
+    for g in loop.optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+    loop.optimizer.zero_grad(set_to_none=False)
+    local = 0.0
+    for number in range(loop.rank, config.episodes_per_step, loop.world):
+        loss = episode_loss(loop.exp, loop.embed, episode(loop.exp, config, step, number))
+        loss = loss / config.episodes_per_step
+        loss.backward()
+        local += float(loss.detach())
+    if loop.start and loop.rank == 0:  # the penalty's gradient enters once, before the all-reduce
+        drift = sum(((p - loop.start[k]) ** 2).sum() for k, p in zip(loop.names, loop.params, strict=True))
+        (config.anchor * drift).backward()
+    loss_value = _all_reduce(loop.params, local, loop.distributed)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(loop.params, config.grad_clip))
+    loop.optimizer.step()
+    return {"step": step + 1, "loss": loss_value, "grad_norm": grad_norm, "lr": config.lr * factor}
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
@@ -554,6 +397,20 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
         return (step + 1) / config.warmup_steps
     rest = max(1, config.steps - config.warmup_steps)
     return max(0.0, 1.0 - (step - config.warmup_steps) / rest)
+
+
+def _at(step: int, every: int, config: TrainConfig) -> bool:
+    """Whether `step` is a multiple of `every` or the last one."""
+    return step % every == 0 or step == config.steps
+
+
+def _validate(loop: Loop, state: TrainState, record: dict[str, float]) -> None:
+    """Validation LDS into `record`; the parameters become the best so far when it beats the best."""
+    val = validation_lds(loop.exp, loop.embed)
+    record["val_lds"] = val
+    if math.isfinite(val) and val > state.best_lds:
+        state.best_lds, state.best_step = val, int(record["step"])
+        state.best_params = trained_parameters(loop.model)
 
 
 def _all_reduce(params: list[Tensor], loss: float, distributed: bool) -> float:
@@ -572,6 +429,9 @@ def _all_reduce(params: list[Tensor], loss: float, distributed: bool) -> float:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
     return float(flat[-1])
+
+
+# --------------------------------------------------------------------------- checkpoints
 
 
 def _resumed(

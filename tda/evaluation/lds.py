@@ -57,6 +57,11 @@ def lds(
     _require(scores, ("method", "target_id", "example_id", "score"), "scores")
     _require(subsets, ("subset_id", "example_id", "purpose"), "subsets")
     _require(effects, ("subset_id", "target_id", "loss"), "effects")
+    from tda.effects import check_finite_losses
+
+    check_finite_losses(
+        effects, "effects", "re-measure them (subset_effects with a smaller recipe lr) or drop those rows"
+    )
     members = subsets.filter(pl.col("purpose") == purpose).select("subset_id", "example_id").unique()
     if members.height == 0:
         raise DataError(f"subsets has no rows with purpose {purpose!r}; sample some or pick another purpose")
@@ -110,8 +115,18 @@ def _method_lds(
     targets = np.intersect1d(
         scores["target_id"].unique().to_numpy(), effects["target_id"].unique().to_numpy()
     )
+    if len(targets) == 0:
+        raise DataError(
+            f"scores of method {method!r} share no target_id with the effects (e.g. "
+            f"{scores['target_id'][0]} is not measured); score the targets of the same split as the effects"
+        )
     y = _measured(effects, subset_ids, targets)  # (J, m)
     scores = scores.filter(pl.col("example_id").is_in(example_ids) & pl.col("target_id").is_in(targets))
+    if scores.height == 0:
+        raise DataError(
+            f"scores of method {method!r} name no example_id of the subsets (ids from another corpus?); "
+            "score the training rows the subsets were sampled from"
+        )
     if scores.select(pl.struct("target_id", "example_id").is_duplicated().any()).item():
         raise DataError(
             f"scores of method {method!r} repeat a (target_id, example_id) pair; keep one score each"

@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from tda.errors import InfluenceError
-from tda.influence.solvers import FunctionOperator, HessianOperator, InverseHVP, cg, cholesky_factor
+from tda.influence.solvers import (
+    FunctionOperator,
+    HessianOperator,
+    InverseHVP,
+    SolverOptions,
+    cg,
+    cholesky_factor,
+)
 from tda.models.base import ModelFamily
 
 NEWTON_DENSE_MAX_D = 4000
@@ -60,14 +67,14 @@ def group_problem(
     y_train: Tensor,
     groups: list[Tensor],
     l2: float,
-    damping: float = 0.0,
-    hvp: str = "auto",
+    options: SolverOptions | None = None,
 ) -> GroupProblem:
-    """Check the groups and compute g_U for all of them from one pass of per-example gradients."""
+    """Check the groups and compute g_U for all of them from one pass of per-example gradients; A has
+    the options' damping and products."""
     theta = theta.detach()
     n = X_train.shape[0]
     checked = check_groups(groups, n)
-    op = HessianOperator(family, theta, X_train, y_train, l2_sum=n * l2, n=n, damping=damping, hvp=hvp)
+    op = HessianOperator.of_training(family, theta, X_train, y_train, l2, options or SolverOptions())
     rows = torch.cat(checked)  # (Σ|U|,)
     unique, inverse = torch.unique(rows, return_inverse=True)
     with torch.no_grad():
@@ -115,13 +122,10 @@ def group_influence(
     groups: list[Tensor],
     l2: float,
     orders: tuple[int, ...] = (1, 2),
-    solver: str = "exact",
-    damping: float = 0.0,
     newton: bool = True,
     newton_dense_max_d: int = NEWTON_DENSE_MAX_D,
     info: dict[str, Any] | None = None,
-    hvp: str = "auto",
-    **solver_options: Any,
+    options: SolverOptions | None = None,
 ) -> dict[str, Tensor]:
     """Predicted effect of removing each group on each target's loss.
 
@@ -132,12 +136,11 @@ def group_influence(
         groups: G index tensors (distinct rows each).
         l2: the per-example ridge weight; λ_sum = n · l2.
         orders: which influence orders to compute (1 and/or 2).
-        solver: "exact", "cg" or "lissa" for A⁻¹ (solver_options go to it).
-        damping: δ ≥ 0 added to H̄ (also to the Newton systems, as n·δ).
         newton: also compute the one-step Newton reference.
         newton_dense_max_d: Newton systems are solved densely up to this d, by block CG above it.
         info: if given, filled with seconds per stage and the solver's info.
-        hvp: "auto", "dense" or "matrix_free" products with H̄ (see `HessianOperator`).
+        options: the solver for A⁻¹ and its options, the damping δ ≥ 0 added to H̄ (also to the Newton
+            systems, as n·δ) and the products with H̄ (see `SolverOptions`; default: exact, undamped).
 
     Returns:
         (m, G) float64 matrices under "if-order1", "if-order2", "newton" (those requested).
@@ -147,14 +150,15 @@ def group_influence(
     """
     _check_orders(orders, newton)
     info = info if info is not None else {}
+    options = options if options is not None else SolverOptions()
     start = time.perf_counter()
-    prob = group_problem(family, theta, X_train, y_train, groups, l2, damping, hvp)
+    prob = group_problem(family, theta, X_train, y_train, groups, l2, options)
     with torch.no_grad():
         T = family.per_example_grads(prob.theta, X_target, y_target).to(prob.theta.dtype)  # (m, d)
     info["seconds_grads"] = time.perf_counter() - start
     out: dict[str, Tensor] = {}
     if orders:
-        inverse = InverseHVP(prob.op, solver, **solver_options)
+        inverse = InverseHVP(prob.op, options)
         if len(prob.groups) < T.shape[0]:  # fewer groups than targets: solve on the groups' side
             changes = _influence_changes(prob, orders, inverse, info)
             out.update({key: T @ delta.T for key, delta in changes.items()})  # (m, G) each
@@ -162,7 +166,7 @@ def group_influence(
             out.update(_influence_effects(prob, T, orders, inverse, info))
     if newton:
         start = time.perf_counter()
-        delta = newton_changes(prob, newton_dense_max_d, _cg_options(solver, solver_options))  # (G, d)
+        delta = newton_changes(prob, newton_dense_max_d, options)  # (G, d)
         out["newton"] = T @ delta.T  # (m, G)
         info["seconds_newton"] = time.perf_counter() - start
     return out
@@ -197,22 +201,20 @@ def parameter_changes(
     groups: list[Tensor],
     l2: float,
     orders: tuple[int, ...] = (1, 2),
-    solver: str = "exact",
-    damping: float = 0.0,
     newton: bool = True,
     newton_dense_max_d: int = NEWTON_DENSE_MAX_D,
-    hvp: str = "auto",
-    **solver_options: Any,
+    options: SolverOptions | None = None,
 ) -> dict[str, Tensor]:
     """The estimated Δθ (removing each group) per method: (G, d) under "if-order1", "if-order2",
     "newton". Arguments as in `group_influence`; second order costs a second block solve here."""
     _check_orders(orders, newton)
-    prob = group_problem(family, theta, X_train, y_train, groups, l2, damping, hvp)
+    options = options if options is not None else SolverOptions()
+    prob = group_problem(family, theta, X_train, y_train, groups, l2, options)
     out: dict[str, Tensor] = {}
     if orders:
-        out.update(_influence_changes(prob, orders, InverseHVP(prob.op, solver, **solver_options), {}))
+        out.update(_influence_changes(prob, orders, InverseHVP(prob.op, options), {}))
     if newton:
-        out["newton"] = newton_changes(prob, newton_dense_max_d, _cg_options(solver, solver_options))
+        out["newton"] = newton_changes(prob, newton_dense_max_d, options)
     return out
 
 
@@ -235,10 +237,11 @@ def _influence_changes(
 
 
 def newton_changes(
-    prob: GroupProblem, dense_max_d: int = NEWTON_DENSE_MAX_D, cg_options: dict[str, Any] | None = None
+    prob: GroupProblem, dense_max_d: int = NEWTON_DENSE_MAX_D, options: SolverOptions | None = None
 ) -> Tensor:
     """Δθ = (n A − H_U)⁻¹ g_U for every group: (G, d). Dense Cholesky per group when d ≤ dense_max_d,
-    else one block CG whose column U applies v ↦ n A v − H_U v."""
+    else one block CG whose column U applies v ↦ n A v − H_U v, to the options' tol and max_iter
+    (cg's defaults unless the solver is cg: the other solvers take neither)."""
     d = prob.theta.shape[0]
     if d <= dense_max_d:
         return _newton_dense(prob)
@@ -248,7 +251,8 @@ def newton_changes(
         return n * prob.op.matvec(V) - family.group_hvps(theta, prob.X, prob.y, prob.groups, V.T).T
 
     op = FunctionOperator(matvec, d, theta.dtype, columnwise=False)
-    delta, _ = cg(op, prob.g.T, **(cg_options or {}))  # (d, G)
+    options = options if options is not None else SolverOptions()
+    delta, _ = cg(op, prob.g.T, tol=options.tol, max_iter=options.max_iter)  # (d, G)
     return delta.T
 
 
@@ -264,11 +268,6 @@ def _newton_dense(prob: GroupProblem) -> Tensor:
             raise InfluenceError(f"Newton system of group {i}: {err}") from err
         rows.append(factor.solve(prob.g[i]))
     return torch.stack(rows)  # (G, d)
-
-
-def _cg_options(solver: str, solver_options: dict[str, Any]) -> dict[str, Any]:
-    """The Newton CG takes tol and max_iter from the solver options when the solver is cg."""
-    return {k: v for k, v in solver_options.items() if k in ("tol", "max_iter")} if solver == "cg" else {}
 
 
 def feature_group_influence(

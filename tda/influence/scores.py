@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tda.errors import InfluenceError
-from tda.influence.solvers import HessianOperator, InverseHVP
+from tda.influence.solvers import HessianOperator, InverseHVP, SolverOptions
 from tda.models.base import ModelFamily
 
 METHODS = ("if-exact", "if-cg", "if-lissa", "graddot", "gradcos")
@@ -45,11 +45,9 @@ def example_scores(
     l2: float,
     train_ids: Ids | None = None,
     target_ids: Ids | None = None,
-    damping: float = 0.0,
     block_size: int = 256,
     top_k: int | None = None,
-    hvp: str = "auto",
-    **solver_options: Any,
+    options: SolverOptions | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Score every training example for every target with one method.
 
@@ -59,18 +57,18 @@ def example_scores(
         X_train, y_train: the n training rows; X_target, y_target: the m targets.
         l2: the per-example ridge weight (λ_sum = n · l2), used by the influence methods.
         train_ids, target_ids: the example ids of the rows (default 0..n-1 and 0..m-1).
-        damping: δ ≥ 0 added to H̄ by the influence methods.
         block_size: targets scored at once; a (block_size, n) matrix is the largest held.
         top_k: keep only the k highest scores per target (None = all pairs).
-        hvp: "auto", "dense" or "matrix_free" products with H̄ (see `HessianOperator`).
-        **solver_options: options of the influence method's solver (see `tda.influence.solvers`).
+        options: the influence methods' damping, products with H̄ and solver options (see
+            `SolverOptions`); its solver must be the method's (default: the method's, undamped).
+            The gradient methods take none.
 
     Returns:
         The scores table (method str, target_id int64, example_id int64, score float32), all pairs
         in example order or the top k per target in descending score order, and an info dict with
         seconds (total, grads, scores) and the solver's iterations and largest residual.
     """
-    _check_arguments(method, block_size, top_k, solver_options)
+    _check_arguments(method, block_size, top_k, options)
     n, m = X_train.shape[0], X_target.shape[0]
     train_ids, target_ids = _ids(train_ids, n, "train_ids"), _ids(target_ids, m, "target_ids")
     start = time.perf_counter()
@@ -79,9 +77,7 @@ def example_scores(
         T = family.per_example_grads(theta.detach(), X_target, y_target).to(theta.dtype)  # (m, d)
     info: dict[str, Any] = {"method": method, "n_train": n, "n_targets": m, "iterations": 0, "residual": 0.0}
     info["seconds_grads"] = time.perf_counter() - start
-    score_block = _block_scorer(
-        method, family, theta, X_train, y_train, l2, damping, G, info, {**solver_options, "hvp": hvp}
-    )
+    score_block = _block_scorer(method, family, theta, X_train, y_train, l2, G, info, options)
     frames = []
     for lo in range(0, m, block_size):
         S = score_block(T[lo : lo + block_size])  # (b, n)
@@ -92,11 +88,16 @@ def example_scores(
     return frame, info
 
 
-def _check_arguments(method: str, block_size: int, top_k: int | None, options: dict[str, Any]) -> None:
+def _check_arguments(method: str, block_size: int, top_k: int | None, options: SolverOptions | None) -> None:
     if method not in METHODS:
         raise InfluenceError(f"unknown scoring method {method!r}; choose one of {', '.join(METHODS)}")
-    if method not in _SOLVER_OF and options:
-        raise InfluenceError(f"method {method!r} takes no solver options, got {', '.join(sorted(options))}")
+    if method not in _SOLVER_OF and options is not None:
+        raise InfluenceError(f"method {method!r} takes no solver options; drop `options`")
+    if method in _SOLVER_OF and options is not None and options.solver != _SOLVER_OF[method]:
+        raise InfluenceError(
+            f"method {method!r} solves with {_SOLVER_OF[method]!r}, but the options name solver "
+            f"{options.solver!r}; give SolverOptions({_SOLVER_OF[method]!r}, …)"
+        )
     if block_size < 1:
         raise InfluenceError(f"block_size must be >= 1, got {block_size}")
     if top_k is not None and top_k < 1:
@@ -120,10 +121,9 @@ def _block_scorer(
     X_train: Tensor,
     y_train: Tensor,
     l2: float,
-    damping: float,
     G: Tensor,
     info: dict[str, Any],
-    solver_options: dict[str, Any],
+    options: SolverOptions | None,
 ) -> Callable[[Tensor], Tensor]:
     """A function from a block of target gradients (b, d) to its scores against all of G: (b, n)."""
     if method == "graddot":
@@ -132,10 +132,8 @@ def _block_scorer(
         G_unit = F.normalize(G, dim=1)  # (n, d); zero rows stay zero
         return lambda Tb: (F.normalize(Tb, dim=1) @ G_unit.T).clamp(-1.0, 1.0)
     n = X_train.shape[0]
-    options = dict(solver_options)
-    hvp = options.pop("hvp", "auto")
-    op = HessianOperator(family, theta, X_train, y_train, l2_sum=n * l2, n=n, damping=damping, hvp=hvp)
-    inverse = InverseHVP(op, _SOLVER_OF[method], **options)
+    options = options if options is not None else SolverOptions(_SOLVER_OF[method])
+    inverse = InverseHVP(HessianOperator.of_training(family, theta, X_train, y_train, l2, options), options)
 
     def influence(Tb: Tensor) -> Tensor:
         S, solved = inverse(Tb.T)  # (d, b): A⁻¹ ∇ℓ_t

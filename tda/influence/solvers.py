@@ -2,7 +2,8 @@
 
 H̄ = (Σ_i ∇²ℓ_i + λ_sum I) / n is the mean Hessian of the regularised objective (see
 `tda.models.base`); the damping δ ≥ 0 is added on top in every solver, so δ > 0 makes a singular or
-indefinite H̄ usable at the price of a bias towards (1/δ)·B. Three solvers share one front, `solve`:
+indefinite H̄ usable at the price of a bias towards (1/δ)·B. Three solvers share one front,
+`InverseHVP` (and `solve` for one block), set up by one typed `SolverOptions`:
 
 - ``exact``: a Cholesky factorisation of the dense A (small d), reusable for many right-hand sides;
 - ``cg``: conjugate gradient run for every column at once, each with its own step sizes;
@@ -17,7 +18,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
@@ -27,12 +28,79 @@ from tda.errors import InfluenceError
 from tda.models.base import ModelFamily
 
 SOLVERS = ("exact", "cg", "lissa")
-_OPTIONS = {
+_OPTIONS = {  # the options each solver reads; the rest of SolverOptions (solver, damping, hvp) is common
     "exact": (),
     "cg": ("tol", "max_iter"),
     "lissa": ("depth", "scale", "repeats", "batch_size", "seed", "power_iters"),
 }
 _SINGULAR_FIX = "set damping > 0 (e.g. 1e-3) or l2 > 0"
+HVP_MODES = ("auto", "dense", "matrix_free")
+DENSE_HVP_MAX_D = 4096
+CG_TOL, CG_MAX_ITER = 1e-10, 1000
+LISSA_DEPTH, POWER_ITERS = 1000, 50
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """How A⁻¹ B is computed: A's damping and products, the solver and the solver's options.
+
+    Every option has a default. One that the chosen solver does not read must stay at its default
+    (`SolverOptions("cg", depth=3)` raises), so a recipe meant for another solver fails before any work.
+    Each field's `metadata["help"]` says what it does.
+    """
+
+    solver: str = field(
+        default="exact",
+        metadata={"help": "exact (a Cholesky factor of the dense A), cg (conjugate gradient) or lissa."},
+    )
+    damping: float = field(default=0.0, metadata={"help": "δ ≥ 0 added to the mean Hessian: A = H̄ + δI."})
+    hvp: str = field(
+        default="auto",
+        metadata={"help": "Full-batch products with H̄: dense, matrix_free or auto (see HessianOperator)."},
+    )
+    tol: float = field(
+        default=CG_TOL, metadata={"help": "cg: a column stops at relative residual ‖b − A x‖ / ‖b‖ ≤ tol."}
+    )
+    max_iter: int = field(default=CG_MAX_ITER, metadata={"help": "cg: the most iterations."})
+    depth: int = field(default=LISSA_DEPTH, metadata={"help": "lissa: steps of the recursion (≥ 1)."})
+    scale: float | None = field(
+        default=None, metadata={"help": "lissa: the scale; None = 1.05 × λ_max(A) by power iteration."}
+    )
+    repeats: int = field(default=1, metadata={"help": "lissa with batch_size: independent runs averaged."})
+    batch_size: int | None = field(
+        default=None, metadata={"help": "lissa: training rows per Hessian sample; None = the full batch."}
+    )
+    seed: int = field(default=0, metadata={"help": "lissa: seed of the minibatches and power iteration."})
+    power_iters: int = field(
+        default=POWER_ITERS, metadata={"help": "lissa: power-iteration steps that estimate λ_max."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.solver not in _OPTIONS:
+            raise InfluenceError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        unread = sorted(
+            f.name
+            for f in fields(self)
+            if any(f.name in names for names in _OPTIONS.values())
+            and f.name not in _OPTIONS[self.solver]
+            and getattr(self, f.name) != f.default
+        )
+        if unread:
+            allowed = ", ".join(_OPTIONS[self.solver]) or "none"
+            raise InfluenceError(
+                f"solver {self.solver!r} takes no option {', '.join(unread)}; its options: {allowed}"
+            )
+        check_operator_options(self.damping, self.hvp)
+        if self.solver == "lissa":
+            _check_lissa(self.depth, self.repeats)
+
+
+def check_operator_options(damping: float, hvp: str) -> None:
+    """Raise InfluenceError for a negative damping or an unknown product mode."""
+    if hvp not in HVP_MODES:
+        raise InfluenceError(f"hvp must be one of {', '.join(HVP_MODES)}, got {hvp!r}")
+    if damping < 0:
+        raise InfluenceError(f"damping must be >= 0, got {damping}; use 0 for none or e.g. 1e-3")
 
 
 class LinearOperator(Protocol):
@@ -62,10 +130,6 @@ class FunctionOperator:
             return self.fn(V)
 
 
-HVP_MODES = ("auto", "dense", "matrix_free")
-DENSE_HVP_MAX_D = 4096
-
-
 class HessianOperator:
     """A = (Σ_i ∇²ℓ(z_i, θ) + λ_sum I) / n + δ I over the training rows (X, y), applied without a graph.
 
@@ -93,16 +157,21 @@ class HessianOperator:
         damping: float = 0.0,
         hvp: str = "auto",
     ) -> None:
-        if hvp not in HVP_MODES:
-            raise InfluenceError(f"hvp must be one of {', '.join(HVP_MODES)}, got {hvp!r}")
-        if damping < 0:
-            raise InfluenceError(f"damping must be >= 0, got {damping}; use 0 for none or e.g. 1e-3")
+        check_operator_options(damping, hvp)
         self.family, self.theta, self.X, self.y = family, theta.detach(), X, y
         self.l2_sum, self.damping = float(l2_sum), float(damping)
         self.n = int(n if n is not None else X.shape[0])
         self.dim, self.dtype = self.theta.shape[0], self.theta.dtype
         self.use_dense = hvp == "dense" or (hvp == "auto" and self.dim <= DENSE_HVP_MAX_D)
         self._hessian_sum: Tensor | None = None
+
+    @classmethod
+    def of_training(
+        cls, family: ModelFamily, theta: Tensor, X: Tensor, y: Tensor, l2: float, options: SolverOptions
+    ) -> HessianOperator:
+        """A over all n rows of (X, y) with λ_sum = n · l2 and the options' damping and products."""
+        n = X.shape[0]
+        return cls(family, theta, X, y, l2_sum=n * l2, n=n, damping=options.damping, hvp=options.hvp)
 
     @property
     def shift(self) -> float:
@@ -196,7 +265,7 @@ def _dense_of(op: LinearOperator) -> Tensor:
 
 # --- conjugate gradient -----------------------------------------------------------------------------
 def cg(
-    op: LinearOperator, B: Tensor, tol: float = 1e-10, max_iter: int = 1000
+    op: LinearOperator, B: Tensor, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER
 ) -> tuple[Tensor, dict[str, Any]]:
     """Conjugate gradient for every column of B at once, each column with its own step sizes.
 
@@ -249,7 +318,7 @@ def _masked_matvec(op: LinearOperator, P: Tensor, active: Tensor) -> Tensor:
 
 
 # --- LiSSA ------------------------------------------------------------------------------------------
-def power_iteration(op: LinearOperator, iters: int = 50, seed: int = 0) -> float:
+def power_iteration(op: LinearOperator, iters: int = POWER_ITERS, seed: int = 0) -> float:
     """The largest eigenvalue of a symmetric positive semi-definite operator (Rayleigh quotient)."""
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed)
@@ -269,12 +338,12 @@ def power_iteration(op: LinearOperator, iters: int = 50, seed: int = 0) -> float
 def lissa(
     op: LinearOperator,
     B: Tensor,
-    depth: int = 1000,
+    depth: int = LISSA_DEPTH,
     scale: float | None = None,
     repeats: int = 1,
     batch_size: int | None = None,
     seed: int = 0,
-    power_iters: int = 50,
+    power_iters: int = POWER_ITERS,
 ) -> tuple[Tensor, dict[str, Any]]:
     """LiSSA: h₀ = B, h ← B + h − (A h) / scale for `depth` steps; A⁻¹ B ≈ h / scale.
 
@@ -287,8 +356,7 @@ def lissa(
     averaged; with the full batch the runs would be identical, so one runs. Returns X (d, k) and info
     with iterations (depth × runs), residual (max relative ‖B − A X‖ / ‖B‖) and the scale used.
     """
-    if depth < 1 or repeats < 1:
-        raise InfluenceError(f"lissa needs depth >= 1 and repeats >= 1, got depth={depth}, repeats={repeats}")
+    _check_lissa(depth, repeats)
     if batch_size is not None and not isinstance(op, HessianOperator):
         raise InfluenceError("lissa with batch_size needs a HessianOperator (training rows to sample)")
     with torch.no_grad():
@@ -305,6 +373,11 @@ def lissa(
         X = total / (runs * scale)
         residual = float(((B2 - op.matvec(X)).norm(dim=0) / B2.norm(dim=0).clamp_min(1e-300)).max())
         return X.reshape(B.shape), {"iterations": depth * runs, "residual": residual, "scale": scale}
+
+
+def _check_lissa(depth: int, repeats: int) -> None:
+    if depth < 1 or repeats < 1:
+        raise InfluenceError(f"lissa needs depth >= 1 and repeats >= 1, got depth={depth}, repeats={repeats}")
 
 
 def _lissa_run(
@@ -326,54 +399,53 @@ def _lissa_run(
 
 # --- front ------------------------------------------------------------------------------------------
 class InverseHVP:
-    """A prepared solver for A X = B that can be called on many blocks B; `exact` factorises once.
+    """A prepared solver for A X = B that can be called on many blocks B; `exact` factorises once and
+    `lissa` estimates its scale once.
 
     Args:
-        op: the operator A (a `HessianOperator`, or any `LinearOperator` for cg and lissa).
-        solver: "exact", "cg" or "lissa".
-        **options: the solver's options (cg: tol, max_iter; lissa: depth, scale, repeats,
-            batch_size, seed, power_iters).
+        op: the operator A (a `HessianOperator`, or any `LinearOperator` for cg and lissa); the options'
+            damping and hvp are A's, given when it was built (`HessianOperator.of_training`).
+        options: the solver and its options (default: exact).
     """
 
-    def __init__(self, op: LinearOperator, solver: str = "exact", **options: Any) -> None:
-        check_solver(solver, options)
-        self.op, self.solver, self.options = op, solver, options
+    def __init__(self, op: LinearOperator, options: SolverOptions | None = None) -> None:
+        self.op = op
+        self.options = options if options is not None else SolverOptions()
+        self.solver = self.options.solver
+        self.scale = self.options.scale  # lissa: None until estimated on the first call
         self.factor: CholeskyFactor | None = None
         self.setup_seconds = 0.0
 
     def __call__(self, B: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """Solve A X = B for B (d,) or (d, k); info has solver, iterations, residual, seconds."""
         start = time.perf_counter()
+        o = self.options
         if self.solver == "exact":
             if self.factor is None:
                 self.factor = cholesky_factor(_dense_of(self.op))
                 self.setup_seconds = time.perf_counter() - start
             X, info = self.factor.solve(B), {"iterations": 0, "residual": 0.0}
         elif self.solver == "cg":
-            X, info = cg(self.op, B, **self.options)
+            X, info = cg(self.op, B, tol=o.tol, max_iter=o.max_iter)
         else:
-            if self.options.get("scale") is None:  # estimate λ_max once for all blocks
-                it, seed = self.options.get("power_iters", 50), self.options.get("seed", 0)
-                self.options["scale"] = 1.05 * power_iteration(self.op, it, seed)
-            X, info = lissa(self.op, B, **self.options)
+            if self.scale is None:  # estimate λ_max once for all blocks
+                self.scale = 1.05 * power_iteration(self.op, o.power_iters, o.seed)
+            X, info = lissa(
+                self.op,
+                B,
+                depth=o.depth,
+                scale=self.scale,
+                repeats=o.repeats,
+                batch_size=o.batch_size,
+                seed=o.seed,
+                power_iters=o.power_iters,
+            )
         return X, {"solver": self.solver, **info, "seconds": time.perf_counter() - start}
 
 
-def check_solver(solver: str, options: dict[str, Any]) -> None:
-    """Raise InfluenceError for an unknown solver name or an option the solver does not take."""
-    if solver not in _OPTIONS:
-        raise InfluenceError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    unknown = sorted(set(options) - set(_OPTIONS[solver]))
-    if unknown:
-        allowed = ", ".join(_OPTIONS[solver]) or "none"
-        raise InfluenceError(
-            f"solver {solver!r} takes no option {', '.join(unknown)}; its options: {allowed}"
-        )
-
-
 def solve(
-    op: LinearOperator, B: Tensor, solver: str = "exact", **options: Any
+    op: LinearOperator, B: Tensor, options: SolverOptions | None = None
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Solve A X = B with the named solver: returns X (same shape as B) and an info dict
+    """Solve A X = B with the options' solver: returns X (same shape as B) and an info dict
     (solver, iterations, residual, seconds)."""
-    return InverseHVP(op, solver, **options)(B)
+    return InverseHVP(op, options)(B)

@@ -11,6 +11,7 @@ products and dense Hessians come from torch.func, and a family may override them
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,37 +33,37 @@ class FitResult:
     converged: bool
 
 
-class ModelFamily:
-    """Base of the model families: subclasses set `name` and implement `example_loss`, `fit`,
-    `init_params` and `config`/`from_config`."""
+class ModelFamily(ABC):
+    """Base of the model families: subclasses set `name` and implement the abstract methods
+    `example_loss`, `fit`, `init_params` and `config`/`from_config`."""
 
     name: str = "base"
 
     # --- to implement ----------------------------------------------------------
+    @abstractmethod
     def example_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """ℓ(z, θ) of one example: x (n_features,), y () → a scalar."""
-        raise NotImplementedError
 
+    @abstractmethod
     def init_params(self, seed: int) -> Tensor:
         """A starting θ (d,)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def fit(
         self, X: Tensor, y: Tensor, l2_sum: float, init: Tensor | None = None, seed: int | None = None
     ) -> FitResult:
         """Minimise Σ_i ℓ(z_i, θ) + (l2_sum/2)‖θ‖² over the given examples, from `init` (else the
         family's initialisation); `seed` sets the data order of stochastic recipes (full-batch
         optimisers ignore it)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def config(self) -> dict[str, Any]:
         """JSON-ready hyperparameters that rebuild this family with `from_config`."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def from_config(cls, config: dict[str, Any]) -> ModelFamily:
         """The family that `config()` describes."""
-        raise NotImplementedError
 
     # --- derived (override for speed) -------------------------------------------
     def losses(self, theta: Tensor, X: Tensor, y: Tensor) -> Tensor:

@@ -107,17 +107,24 @@ def _config(folder: Path) -> dict[str, Any]:
 def _causal_lm(folder: Path, config: dict[str, Any]) -> tuple[str, str]:
     """(model_type, architecture class) of a causal LM; ModelError for an encoder or an unknown type."""
     model_type = str(config.get("model_type") or "")
-    architectures = [str(a) for a in config.get("architectures") or []]
+    listed = config.get("architectures") or []
+    architectures = [str(a) for a in listed] if isinstance(listed, list) else [str(listed)]
     causal = [a for a in architectures if a.endswith(CAUSAL_SUFFIXES)]
-    if causal:
-        return model_type, causal[0]
-    if architectures:
+    if architectures and not causal:
         raise ModelError(
             f"{folder}: holds a {architectures[0]}, not a causal LM; give a folder saved from "
             "AutoModelForCausalLM (e.g. GPT2LMHeadModel, LlamaForCausalLM)"
         )
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if causal and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return model_type, causal[0]
+    if causal:  # transformers builds the model from model_type; remote code is never run
+        raise ModelError(
+            f"{folder}/config.json: model_type {model_type or 'missing'!r} (architecture {causal[0]}) is not "
+            "a causal LM that this transformers knows; give a supported architecture (e.g. gpt2, llama), "
+            "or upgrade transformers"
+        )
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelError(
             f"{folder}: model_type {model_type or 'missing'!r} is not a causal LM that transformers knows; "
@@ -128,11 +135,14 @@ def _causal_lm(folder: Path, config: dict[str, Any]) -> tuple[str, str]:
 
 def _check_weights(folder: Path) -> None:
     if (folder / "model.safetensors").is_file():
+        check_safetensors(folder / "model.safetensors")
         return
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            if not shards or not all(isinstance(s, str) and "/" not in s for s in shards):
+                raise ValueError("weight_map must map tensor names to shard file names in this folder")
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
             raise ModelError(f"{index}: unreadable index ({exc}); save the model again") from None
         missing = [s for s in shards if not (folder / s).is_file()]
@@ -141,6 +151,8 @@ def _check_weights(folder: Path) -> None:
                 f"{folder}: shard {missing[0]} of {len(shards)} is missing (named in {index.name}); "
                 "copy the whole checkpoint"
             )
+        for shard in shards:
+            check_safetensors(folder / shard)
         return
     if any(folder.glob("pytorch_model*.bin")):
         raise ModelError(
@@ -148,6 +160,33 @@ def _check_weights(folder: Path) -> None:
             "(model.save_pretrained(folder, safe_serialization=True)): pickles are never loaded"
         )
     raise ModelError(f"{folder}: no weights (model.safetensors); give a complete transformers folder")
+
+
+def check_safetensors(path: Path) -> None:
+    """ModelError unless `path` is a whole safetensors file: an 8-byte header length, a JSON header, and
+    exactly the bytes its tensors' offsets name (a truncated copy or another format fails here, in one
+    line, instead of when the weights are loaded). Reads the header only."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= min(size - 8, 100_000_000):
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"{path}: not a safetensors file ({reason}); copy the checkpoint again or save it with "
+            "save_pretrained(..., safe_serialization=True)"
+        ) from None
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        raise ModelError(
+            f"{path}: truncated or damaged: {size:,} bytes but its header needs {expected:,}; copy the "
+            "checkpoint again"
+        )
 
 
 def _tokenizer(folder: Path, own: bool) -> Any:

@@ -215,3 +215,62 @@ def index_members(
         )
     members = joined.group_by(key, maintain_order=True).agg(pl.col("_row")).sort(key)
     return members[key].to_list(), [torch.tensor(rows, dtype=torch.long) for rows in members["_row"]]
+
+
+Problems = list[tuple[tuple[str | int, ...], str]]
+
+
+def check_features_ref(
+    steps: Any, features: str | None, model: str | None, data: str | None, method: str | None = None
+) -> Problems:
+    """Spec-time (`StepParams.check_references`): `features` names a gradient_features step made from
+    this step's `model` and `data`, with a projection `method` can use; (field, message) per problem."""
+    if features is None or features not in steps:
+        return []
+    step = steps[features]
+    if step.kind != "gradient_features":
+        return [
+            (
+                ("features",),
+                f"step {features!r} is a {step.kind} step, not gradient_features; name a gradient_features "
+                "step",
+            )
+        ]
+    for field, ours in (("model", model), ("data", data)):
+        theirs = getattr(step, field, None)
+        if ours is not None and theirs != ours:
+            return [
+                (
+                    ("features",),
+                    f"features {features!r} are made from {field} {theirs!r}, not from {ours!r} (this step's "
+                    f"{field}); featurise {ours!r} (a gradient_features step with {field}: {ours})",
+                )
+            ]
+    from tda.influence.feature_scores import FEATURE_METHODS
+
+    needs = FEATURE_METHODS.get(method or "", (None, None))[1]
+    kind = getattr(step, "projection", None)
+    if needs is not None and kind not in needs:
+        return [
+            (
+                ("method",),
+                f"method {method} needs features with projection {' or '.join(needs)}, but step "
+                f"{features!r} makes {kind} features; featurise with projection: {needs[0]}",
+            )
+        ]
+    return []
+
+
+def check_effects_ref(steps: Any, effects: str, subsets: str) -> Problems:
+    """Spec-time: a subset_effects step named by `effects` measured the subsets this step reads."""
+    step = steps.get(effects)
+    theirs = getattr(step, "subsets", None)
+    if step is None or step.kind != "subset_effects" or theirs == subsets:
+        return []
+    return [
+        (
+            ("effects",),
+            f"effects {effects!r} measured the subsets of {theirs!r}, not {subsets!r} (this step's subsets); "
+            f"name the same subsets step in both",
+        )
+    ]

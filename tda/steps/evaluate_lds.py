@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 from pydantic import Field
@@ -27,6 +27,11 @@ class EvaluateLdsParams(StepParams):
     purpose: Literal["eval", "fit"] = Field(
         "eval", description="Which subsets to evaluate on (eval = held out)."
     )
+
+    def check_references(self, steps: Any) -> list[tuple[tuple[str | int, ...], str]]:
+        from tda.steps.common import check_effects_ref
+
+        return check_effects_ref(steps, self.effects, self.subsets)
 
 
 def evaluate_lds(params: EvaluateLdsParams, ctx: StepContext) -> pl.DataFrame:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
@@ -12,6 +12,9 @@ from pydantic import Field, model_validator
 from pipelines import InputPath, StepContext, StepKind, StepRef
 from tda.steps.common import damping_field, index_members, set_threads, trained_split
 from tda.steps.embedding import EmbeddingStepParams
+
+if TYPE_CHECKING:
+    from tda.influence.solvers import SolverOptions
 
 ORDER = {"if-order1": 1, "if-order2": 2, "newton": 0}
 
@@ -64,6 +67,17 @@ class GroupInfluenceParams(EmbeddingStepParams):
         if self.method == "airrep" and len(given) != 1:
             raise ValueError("method airrep needs exactly one of encoder, encoder_path and mlflow_run")
         return self
+
+    def check_references(self, steps: Any) -> list[tuple[tuple[str | int, ...], str]]:
+        from tda.steps.common import check_features_ref
+
+        return check_features_ref(steps, self.features, self.model, self.data)
+
+    def solver_options(self) -> SolverOptions:
+        """method influence: the solver for H̄⁻¹, its damping and products (the solver's defaults)."""
+        from tda.influence.solvers import SolverOptions
+
+        return SolverOptions(self.solver, damping=self.damping, hvp=self.hvp)
 
 
 def airrep_groups(params: GroupInfluenceParams, ctx: StepContext) -> pl.DataFrame:
@@ -120,10 +134,8 @@ def group_influence_step(params: GroupInfluenceParams, ctx: StepContext) -> pl.D
         index,
         l2=meta["l2"],
         orders=tuple(params.orders),
-        solver=params.solver,
-        damping=params.damping,
         newton=params.newton,
-        hvp=params.hvp,
+        options=params.solver_options(),
     )
     ctx.log_metric("seconds", time.perf_counter() - t0)
     frames = [_long(method, matrix.numpy(), data.target_ids, group_ids) for method, matrix in effects.items()]

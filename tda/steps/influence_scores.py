@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import polars as pl
 from pydantic import Field, field_validator, model_validator
@@ -22,6 +22,9 @@ from tda.steps.common import (
     trained_split,
 )
 from tda.steps.embedding import EmbeddingStepParams
+
+if TYPE_CHECKING:
+    from tda.influence.solvers import SolverOptions
 from tda.steps.train_airrep import check_encoder
 
 GRADIENT_METHODS = ("if-exact", "if-cg", "if-lissa", "graddot", "gradcos")
@@ -143,6 +146,11 @@ class InfluenceScoresParams(EmbeddingStepParams):
             check_device(self.device, self.precision, self.resources.num_gpus, "resources.num_gpus")
         return self
 
+    def check_references(self, steps: Any) -> list[tuple[tuple[str | int, ...], str]]:
+        from tda.steps.common import check_features_ref
+
+        return check_features_ref(steps, self.features, self.model, self.data, self.method)
+
     @field_validator("encoder_path")
     @classmethod
     def _encoder_folder(cls, value: InputPath | None, info: Any) -> InputPath | None:
@@ -150,19 +158,26 @@ class InfluenceScoresParams(EmbeddingStepParams):
             check_encoder(value)
         return value
 
+    def solver_options(self) -> SolverOptions | None:
+        """The influence methods' solver, damping and products from these fields (None otherwise)."""
+        from tda.influence.solvers import SolverOptions
 
-def _solver_options(params: InfluenceScoresParams) -> dict:
-    if params.method == "if-cg":
-        return {"tol": params.cg_tol, "max_iter": params.cg_max_iter}
-    if params.method == "if-lissa":
-        return {
-            "depth": params.lissa_depth,
-            "scale": params.lissa_scale,
-            "batch_size": params.lissa_batch_size,
-            "repeats": params.lissa_repeats,
-            "seed": params.seed or 0,
-        }
-    return {}
+        common: dict[str, Any] = {"damping": self.damping, "hvp": self.hvp}
+        if self.method == "if-exact":
+            return SolverOptions("exact", **common)
+        if self.method == "if-cg":
+            return SolverOptions("cg", tol=self.cg_tol, max_iter=self.cg_max_iter, **common)
+        if self.method == "if-lissa":
+            return SolverOptions(
+                "lissa",
+                depth=self.lissa_depth,
+                scale=self.lissa_scale,
+                batch_size=self.lissa_batch_size,
+                repeats=self.lissa_repeats,
+                seed=self.seed or 0,
+                **common,
+            )
+        return None
 
 
 def encoder_source(params: Any, ctx: StepContext) -> Any:
@@ -215,6 +230,7 @@ def embedding_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.Data
             "seconds": seconds,
             "embed_seconds": emb.seconds,
             "embed_wall_seconds": emb.wall_seconds,
+            "texts_resumed": emb.resumed,
             "score_seconds": score_seconds,
             "examples_per_second": emb.count / seconds,
             "targets_per_second": len(emb.target_ids) / seconds,
@@ -310,11 +326,9 @@ def influence_scores(params: InfluenceScoresParams, ctx: StepContext) -> pl.Data
         l2=meta["l2"],
         train_ids=data.train_ids,
         target_ids=data.target_ids,
-        damping=params.damping,
         block_size=params.block_size,
         top_k=params.top_k,
-        hvp=params.hvp,
-        **_solver_options(params),
+        options=params.solver_options(),
     )
     seconds = time.perf_counter() - t0
     ctx.log_metrics(

@@ -68,6 +68,15 @@ class RetrainSetsParams(StepParams):
         check_device(self.device, self.precision, self.task_gpus, "task_gpus")
         return self
 
+    def demands(self) -> dict[str, tuple[float, str]]:
+        """One training task at least: its task_cpus and task_gpus must fit on the cluster."""
+        out = super().demands()
+        if self.task_cpus > out["CPU"][0]:
+            out["CPU"] = (self.task_cpus, "task_cpus")
+        if self.task_gpus > out["GPU"][0]:
+            out["GPU"] = (self.task_gpus, "task_gpus")
+        return out
+
 
 @dataclass
 class Refits:

@@ -31,6 +31,12 @@ class RetrainWithoutGroupsParams(StepParams):
     groups_per_task: int = Field(8, gt=0, description="Groups retrained by one Ray task.")
     task_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each retraining task.")
 
+    def demands(self) -> dict[str, tuple[float, str]]:
+        out = super().demands()
+        if self.task_cpus > out["CPU"][0]:  # one retraining task at least
+            out["CPU"] = (self.task_cpus, "task_cpus")
+        return out
+
 
 def _retrain_batch(
     batch: list[int], *, job: Retraining, num_cpus: float, control: bool

@@ -7,7 +7,7 @@ method str, score float64, in example-id order.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -29,6 +29,11 @@ class SelfInfluenceParams(StepParams):
         0.1, ge=0, description="Damping × the mean eigenvalue of each curvature block."
     )
     label: str | None = Field(None, description="The `method` column (null = the method).")
+
+    def check_references(self, steps: Any) -> list[tuple[tuple[str | int, ...], str]]:
+        from tda.steps.common import check_features_ref
+
+        return check_features_ref(steps, self.features, None, None, self.method)
 
 
 def self_influence_step(params: SelfInfluenceParams, ctx: StepContext) -> pl.DataFrame:

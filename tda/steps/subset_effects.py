@@ -89,7 +89,9 @@ class SubsetEffectsParams(StepParams):
 
     def demands(self) -> dict[str, tuple[float, str]]:
         out = super().demands()
-        if self.task_gpus > out["GPU"][0]:  # one training task at least
+        if self.task_cpus > out["CPU"][0]:  # one training task at least
+            out["CPU"] = (self.task_cpus, "task_cpus")
+        if self.task_gpus > out["GPU"][0]:
             out["GPU"] = (self.task_gpus, "task_gpus")
         return out
 
@@ -145,6 +147,13 @@ def subset_effects(params: SubsetEffectsParams, ctx: StepContext) -> pl.DataFram
     seconds = time.perf_counter() - t0
     effects = pl.read_parquet(sorted(ctx.scratch_dir.glob("batch-*.parquet"))).sort(
         ["subset_id", "target_id"]
+    )
+    from tda.effects import check_finite_losses
+
+    check_finite_losses(
+        effects,
+        f"step {ctx.name!r}",
+        "the fine-tunes diverged; lower the learning rate or the epochs (recipe: {lr: …, epochs: …})",
     )
     _save_base_losses(family, theta, data, ctx.output_dir / "base_losses.parquet")
     ctx.log_metrics(

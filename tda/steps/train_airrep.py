@@ -55,6 +55,7 @@ class TrainAirRepParams(StepParams):
         "max_failures",
         "checkpoint_every",
     }
+    needs_ray_dashboard = True  # its workers run under Ray Train
 
     kind: Literal["train_airrep"] = "train_airrep"
     data: StepRef = Field(description="The corpus split the experiments used (prompt/response).")
@@ -139,6 +140,11 @@ class TrainAirRepParams(StepParams):
                 f"({self.num_workers}) so every worker has the same share"
             )
         return self
+
+    def check_references(self, steps: Any) -> list[tuple[tuple[str | int, ...], str]]:
+        from tda.steps.common import check_effects_ref
+
+        return check_effects_ref(steps, self.effects, self.subsets)
 
     def demands(self) -> dict[str, tuple[float, str]]:
         out = super().demands()
@@ -263,12 +269,20 @@ def train_airrep(params: TrainAirRepParams, ctx: StepContext) -> pl.DataFrame:
     # watcher (for cloud spot instances) logs an error line at every start; either can be set back on
     for name in ("RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
         os.environ.setdefault(name, "0")
-    from tda.airrep.train import build_experiments
+    from tda.airrep.experiments import build_experiments
+    from tda.effects import check_finite_losses
 
+    effects = ctx.table(params.effects).collect()
+    if "loss" in effects.columns:  # a missing column is named by build_experiments
+        check_finite_losses(
+            effects,
+            f"effects {params.effects!r}",
+            "re-measure them (subset_effects with a smaller recipe lr) or drop those rows",
+        )
     exp = build_experiments(
         ctx.table(params.data).collect(),
         ctx.table(params.subsets).collect(),
-        ctx.table(params.effects).collect(),
+        effects,
         heldout_targets=params.heldout_targets,
         val_fraction=params.val_fraction,
         seed=params.roles_seed,

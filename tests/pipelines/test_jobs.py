@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import jobs
-from pipelines.errors import SpecError
+from pipelines.errors import ClusterError, SpecError
 from pipelines.spec import loads_spec
 
 SPEC = """
@@ -41,10 +41,10 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def test_the_address_comes_from_the_flag_then_the_environment(clean_env: Path, monkeypatch) -> None:
-    with pytest.raises(jobs.ClusterError, match="--address http://HEAD:8265"):
+    with pytest.raises(ClusterError, match="--address http://HEAD:8265"):
         jobs.resolve_address(None)
     monkeypatch.setenv("RAY_ADDRESS", "auto")  # not an HTTP address: the Jobs API needs one
-    with pytest.raises(jobs.ClusterError):
+    with pytest.raises(ClusterError):
         jobs.resolve_address(None)
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
     assert jobs.resolve_address(None) == "http://head:8265"
@@ -69,7 +69,7 @@ def test_the_token_follows_rays_order_of_sources(clean_env: Path, monkeypatch) -
     flag = clean_env / "flag_token"
     flag.write_text(" from-flag \n")
     assert jobs.auth_token(str(flag)) == "from-flag"
-    with pytest.raises(jobs.ClusterError, match="--token-file .*missing"):
+    with pytest.raises(ClusterError, match="--token-file .*missing"):
         jobs.auth_token(str(clean_env / "missing"))
 
 
@@ -142,7 +142,7 @@ def test_failed_steps_are_read_from_the_log_when_the_store_is_out_of_reach() -> 
 
 
 def test_unreachable_cluster_is_one_line(clean_env: Path) -> None:
-    with pytest.raises(jobs.ClusterError) as err:
+    with pytest.raises(ClusterError) as err:
         jobs.connect("http://127.0.0.1:9")  # the discard port: nothing listens
     (line,) = str(err.value).splitlines()
     assert "http://127.0.0.1:9" in line

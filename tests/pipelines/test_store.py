@@ -137,3 +137,25 @@ def test_a_failing_step_leaves_nothing_behind(tmp_path):
             StepJob("f", "fail_while", "key2", "1", toy_steps.fail_while, params, {}, str(store.root))
         )
     assert not store.has("key2") and [p for p in (tmp_path / "tmp").rglob("*") if not p.is_dir()] == []
+
+
+def test_the_python_3_10_tree_removal_of_exports_never_follows_links(tmp_path):
+    """exports._remove_tree_at stands in for shutil.rmtree(dir_fd=…) (Python 3.11+) on Python 3.10."""
+    import os
+
+    from pipelines.exports import _remove_tree_at
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("kept")
+    old = tmp_path / "exports" / "old"
+    (old / "a" / "b").mkdir(parents=True)
+    (old / "a" / "b" / "part.parquet").write_text("x")
+    (old / "a" / "link").symlink_to(outside)
+    (old / "file-link").symlink_to(outside / "keep.txt")
+    folder = os.open(tmp_path / "exports", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _remove_tree_at("old", folder)
+    finally:
+        os.close(folder)
+    assert not old.exists() and (outside / "keep.txt").read_text() == "kept"

@@ -353,11 +353,11 @@ def test_a_new_store_under_a_folder_that_cannot_be_written(tmp_path, capsys, wri
 def test_a_truncated_run_record_is_named_and_skipped(tmp_path, capsys):
     store = Store(tmp_path)
     _commit(store, "k1")
+    from pipelines.status import RunStatus, StepRecord, StepStatus
     from pipelines.store import RunRecord
 
-    good = RunRecord("20260101-000000-aaaaaa", "s", "p", str(tmp_path), {})
-    good.steps = {"t": {"kind": "k", "key": "k1", "status": "done", "cached": False}}
-    good.status = "succeeded"
+    good = RunRecord("20260101-000000-aaaaaa", "s", "p", str(tmp_path), {}, status=RunStatus.SUCCEEDED)
+    good.steps = {"t": StepRecord("k", "k1", status=StepStatus.DONE)}
     store.write_run(good)
     bad = store.run_path("20260102-000000-bbbbbb")
     bad.write_text(json.dumps({"run_id": "x", "steps": {}})[:20])

@@ -17,7 +17,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
 
-from pipelines.tracking import Tracker, TrackingError
+from pipelines.errors import TrackingError
+from pipelines.tracking import Tracker
 
 RACERS = 4
 

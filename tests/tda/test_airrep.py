@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tda.airrep.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from tda.airrep.experiments import assign_roles, build_experiments, normalised_labels
 from tda.airrep.model import (
     CONFIG_FILE,
     AirRep,
@@ -31,17 +32,7 @@ from tda.airrep.model import (
     example_text,
     group_scores,
 )
-from tda.airrep.train import (
-    Featurizer,
-    TrainConfig,
-    assign_roles,
-    build_experiments,
-    episode,
-    normalised_labels,
-    ranknet_loss,
-    train,
-    validation_lds,
-)
+from tda.airrep.train import Featurizer, TrainConfig, episode, ranknet_loss, train, validation_lds
 from tda.errors import DataError, ModelError
 
 MAX_TOKENS = 32

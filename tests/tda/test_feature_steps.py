@@ -107,7 +107,9 @@ def test_a_featurisation_killed_mid_way_resumes_from_its_finished_shards(write_s
     assert store.get(job.key).table().collect().height == 140
 
 
-def test_features_of_another_model_are_refused_before_any_work(failed_error):
+def test_features_of_another_model_are_refused_when_the_spec_is_validated(tmp_path):
+    from pipelines.errors import SpecError
+
     text = FEATURES.replace(
         "  graddot_features:\n    kind: influence_scores\n    features: full\n    data: data\n",
         "  graddot_features:\n    kind: influence_scores\n    features: full\n    model: other\n"
@@ -117,5 +119,10 @@ def test_features_of_another_model_are_refused_before_any_work(failed_error):
         "  other:\n    kind: train_model\n    data: data\n    family: causal_lm\n    tokenizer: tokenizer\n"
         "    n_layer: 1\n    n_embd: 32\n    max_len: 48\n    epochs: 2\n    l2: 0\n  full:\n",
     )
-    error = failed_error(text, "graddot_features")
-    assert "features 'full' were made from model 'model', not from 'other'" in error
+    (tmp_path / "spec.yaml").write_text(text)
+    with pytest.raises(SpecError) as info:  # before Ray starts (the step re-checks its inputs' keys)
+        load_spec(tmp_path / "spec.yaml")
+    assert (
+        "steps.graddot_features.features: features 'full' are made from model 'model', not from 'other'"
+        in (str(info.value))
+    )

@@ -14,6 +14,7 @@ from tda.errors import InfluenceError
 from tda.influence import (
     HessianOperator,
     InverseHVP,
+    SolverOptions,
     cholesky_factor,
     example_scores,
     group_influence,
@@ -83,30 +84,31 @@ def well_conditioned() -> tuple[HessianOperator, Tensor]:
 class TestSolvers:
     def test_exact_solves_the_dense_system(self, well_conditioned):
         op, B = well_conditioned
-        X, info = solve(op, B, "exact")
+        X, info = solve(op, B, SolverOptions("exact"))
         assert torch.allclose(X, torch.linalg.solve(op.dense(), B), rtol=1e-12, atol=1e-14)
         assert set(info) >= {"solver", "iterations", "residual", "seconds"}
 
     def test_cg_and_lissa_match_exact(self, well_conditioned):
         op, B = well_conditioned
-        exact = solve(op, B, "exact")[0]
-        X_cg, info_cg = solve(op, B, "cg")
-        X_lissa, info_lissa = solve(op, B, "lissa", depth=200)
+        exact = solve(op, B, SolverOptions("exact"))[0]
+        X_cg, info_cg = solve(op, B, SolverOptions("cg"))
+        X_lissa, info_lissa = solve(op, B, SolverOptions("lissa", depth=200))
         assert relative(X_cg, exact) < 1e-3 and info_cg["residual"] <= 1e-9
         assert relative(X_lissa, exact) < 1e-3 and info_lissa["iterations"] == 200
 
     def test_minibatch_lissa(self, well_conditioned):
         op, B = well_conditioned
-        exact = solve(op, B, "exact")[0]
-        full = solve(op, B, "lissa", depth=100)[0]
-        all_rows = solve(op, B, "lissa", depth=100, batch_size=200)[0]  # a permutation of every row
+        exact = solve(op, B, SolverOptions("exact"))[0]
+        full = solve(op, B, SolverOptions("lissa", depth=100))[0]
+        # a minibatch of all 200 rows is a permutation of every row
+        all_rows = solve(op, B, SolverOptions("lissa", depth=100, batch_size=200))[0]
         assert relative(all_rows, full) < 1e-10
-        noisy, info = solve(op, B, "lissa", depth=100, batch_size=100, repeats=4, seed=3)
+        noisy, info = solve(op, B, SolverOptions("lissa", depth=100, batch_size=100, repeats=4, seed=3))
         assert relative(noisy, exact) < 0.1 and info["iterations"] == 400
 
     def test_exact_factorises_once(self, well_conditioned):
         op, B = well_conditioned
-        inverse = InverseHVP(op, "exact")
+        inverse = InverseHVP(op, SolverOptions("exact"))
         inverse(B)
         factor = inverse.factor
         X, _ = inverse(B[:, 0])
@@ -121,7 +123,7 @@ class TestSolvers:
     def test_cg_warns_when_it_runs_out_of_iterations(self, well_conditioned):
         op, B = well_conditioned
         with pytest.warns(RuntimeWarning, match="raise max_iter"):
-            solve(op, B, "cg", max_iter=1)
+            solve(op, B, SolverOptions("cg", max_iter=1))
 
 
 class TestInvalidSolves:
@@ -132,11 +134,11 @@ class TestInvalidSolves:
         with pytest.raises(
             InfluenceError, match=r"smallest eigenvalue .*set damping > 0 \(e.g. 1e-3\) or l2 > 0"
         ):
-            solve(op, B, "exact")
+            solve(op, B, SolverOptions("exact"))
         damped = HessianOperator(
             LeastSquares(8), torch.zeros(8, dtype=torch.float64), X, y, 0.0, damping=1e-3
         )
-        solution, _ = solve(damped, B, "exact")
+        solution, _ = solve(damped, B, SolverOptions("exact"))
         assert relative(damped.matvec(solution), B) < 1e-8
 
     def test_nearly_singular_matrix_that_cholesky_accepts(self):
@@ -153,14 +155,18 @@ class TestInvalidSolves:
     def test_unknown_solver_and_option(self, well_conditioned):
         op, B = well_conditioned
         with pytest.raises(InfluenceError, match="unknown solver 'newton'; choose one of exact, cg, lissa"):
-            solve(op, B, "newton")
+            SolverOptions("newton")
         with pytest.raises(InfluenceError, match="solver 'cg' takes no option depth"):
-            solve(op, B, "cg", depth=3)
+            SolverOptions("cg", depth=3)
+        with pytest.raises(InfluenceError, match="lissa needs depth >= 1"):
+            SolverOptions("lissa", depth=0)
 
     def test_negative_damping(self, well_conditioned):
         op, _ = well_conditioned
         with pytest.raises(InfluenceError, match="damping must be >= 0"):
             HessianOperator(op.family, op.theta, op.X, op.y, 1.0, damping=-1.0)
+        with pytest.raises(InfluenceError, match="damping must be >= 0"):
+            SolverOptions(damping=-1.0)
 
 
 class TestLissaMemory:
@@ -269,9 +275,11 @@ class TestGroupInfluence:
         groups = [torch.arange(0, 12), torch.arange(30, 33)]
         exact = group_influence(family, theta, X, y, X[:4], y[:4], groups, l2)
         by_cg = group_influence(
-            family, theta, X, y, X[:4], y[:4], groups, l2, solver="cg", newton_dense_max_d=0
+            family, theta, X, y, X[:4], y[:4], groups, l2, newton_dense_max_d=0, options=SolverOptions("cg")
         )
-        by_lissa = group_influence(family, theta, X, y, X[:4], y[:4], groups, l2, solver="lissa", depth=300)
+        by_lissa = group_influence(
+            family, theta, X, y, X[:4], y[:4], groups, l2, options=SolverOptions("lissa", depth=300)
+        )
         for key in exact:
             assert relative(by_cg[key], exact[key]) < 1e-8, key
             assert relative(by_lissa[key], exact[key]) < 1e-3, key
@@ -358,7 +366,8 @@ class TestExampleScores:
     def test_iterative_methods_agree_with_exact(self, scoring):
         exact = score_matrix(example_scores("if-exact", **scoring)[0])
         by_cg = score_matrix(example_scores("if-cg", **scoring)[0])
-        by_lissa = score_matrix(example_scores("if-lissa", depth=300, **scoring)[0])
+        lissa = SolverOptions("lissa", depth=300)
+        by_lissa = score_matrix(example_scores("if-lissa", options=lissa, **scoring)[0])
         assert np.allclose(by_cg, exact, rtol=1e-5, atol=1e-7)
         assert np.linalg.norm(by_lissa - exact) / np.linalg.norm(exact) < 1e-3
 
@@ -398,6 +407,8 @@ class TestExampleScores:
         with pytest.raises(InfluenceError, match="unknown scoring method 'trak'"):
             example_scores("trak", **scoring)
         with pytest.raises(InfluenceError, match="takes no solver options"):
-            example_scores("graddot", depth=3, **scoring)
+            example_scores("graddot", options=SolverOptions("lissa", depth=3), **scoring)
+        with pytest.raises(InfluenceError, match="method 'if-cg' solves with 'cg'"):
+            example_scores("if-cg", options=SolverOptions("lissa"), **scoring)
         with pytest.raises(InfluenceError, match="train_ids has 3 ids for 40 rows"):
             example_scores("graddot", train_ids=[1, 2, 3], **scoring)
