@@ -5,6 +5,7 @@
     tda runs                     tda tables [RUN]                 tda show [RUN]
     tda query "SQL" [--run RUN] [--format table|csv|json] [--out FILE.parquet]
     tda verify [--run RUN]       (sha256 of every stored file against its manifest)
+    tda gc [--yes]               (what no run needs: dead staging, unreferenced objects; a dry run first)
     tda ray up|down|status       (a warm local Ray that runs attach to instead of starting one)
     tda submit SPEC --address http://HEAD:8265 [--store DIR|URI] [--wait]   (a Ray cluster's Jobs API)
     tda jobs                     tda status [JOB]                 tda logs [JOB] [-f]     tda stop [JOB]
@@ -35,6 +36,7 @@ from pipelines.status import RunStatus, StepStatus
 from pipelines.store import Store
 
 if TYPE_CHECKING:  # imported where used: `tda --help` stays fast
+    from pipelines.gc import Garbage
     from pipelines.query import Run
 
 out = Console(soft_wrap=True)
@@ -254,6 +256,59 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for line in bad:
         print(line, file=sys.stderr)
     return 1 if bad else 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from rich.progress import track
+
+    from pipelines import gc
+    from pipelines.errors import StoreError
+
+    plan = gc.plan(_store_for(args))
+    title = f"{plan.store} · {plan.runs} run records · {plan.kept} objects referenced"
+    out.print(_gc_table(plan.items, f"garbage in {title}"))
+    if plan.live:
+        raise StoreError(gc.live_message(plan.store, plan.live))
+    if not args.yes:
+        for item in plan.items[:GC_LISTED]:
+            where = item.path.relative_to(plan.store.root)
+            out.print(
+                f"  {item.category:<10} {_bytes(item.size):>9}  {where}  ({item.reason})", highlight=False
+            )
+        if len(plan.items) > GC_LISTED:
+            out.print(f"  … and {len(plan.items) - GC_LISTED} more")
+        out.print("nothing deleted: pass --yes to delete")
+        return 0
+    stderr = Console(stderr=True)
+    removed = gc.apply(
+        plan, lambda items: track(items, description="deleting", console=stderr, transient=True)
+    )
+    out.print(_gc_table(removed, "deleted"))
+    entries = f"{len(removed)} {'entry' if len(removed) == 1 else 'entries'}"
+    out.print(f"freed {_bytes(sum(g.size for g in removed))} in {entries} of {plan.store}")
+    return 0
+
+
+GC_LISTED = 50  # entries a dry run lists one by one
+
+
+def _gc_table(items: list[Garbage], title: str) -> Table:
+    from pipelines.gc import summary
+
+    table = Table("category", "entries", "bytes", title=title, title_justify="left")
+    for category, (count, size) in summary(items).items():
+        table.add_row(str(category), str(count), _bytes(size))
+    return table
+
+
+def _bytes(size: int) -> str:
+    """1,234,567 → "1.2 MB"."""
+    value, unit = float(size), "B"
+    for bigger in ("kB", "MB", "GB", "TB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    return f"{size:,} B" if unit == "B" else f"{value:,.1f} {unit}"
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -577,6 +632,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="only the objects of this run (id or unique prefix)")
     _store_options(p)
     p.set_defaults(fn=cmd_verify)
+
+    p = sub.add_parser(
+        "gc", help="delete what no run needs (dead staging, unreferenced objects); dry run first"
+    )
+    p.add_argument("--yes", action="store_true", help="delete (default: list what would go, delete nothing)")
+    p.add_argument(
+        "--store", help="the store folder (default: the spec's run.store, $TDA_STORE or ./tda-store)"
+    )
+    p.add_argument("--spec", help="take the store from this spec's run.store")
+    p.set_defaults(fn=cmd_gc)
 
     p = sub.add_parser("query", help="SQL over a run's tables (each is a view named after its step)")
     p.add_argument("sql")

@@ -6,6 +6,7 @@ its message as one line and exits with `exit_code`. Anything else is a bug and k
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -106,3 +107,44 @@ class IllegalTransition(RuntimeError):
     """The engine moved a step or a run to a state its current one does not lead to
     (pipelines/status.py). A bug in the engine, not the user's doing: not a PipelineError, so the
     CLI shows its traceback."""
+
+
+# ---------------------------------------------------------------- a full disk
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXTS = ("no space left on device", "disk quota exceeded", "database or disk is full")
+FREE_SPACE = "free space there (or move the store to a larger disk) and run again: finished work is kept"
+
+
+def disk_full(exc: BaseException | str) -> bool:
+    """Is `exc` (an exception, with its causes and a Ray task's `cause`, or an error's text) a full
+    disk or an exceeded quota?"""
+    return disk_full_message(exc, "") is not None
+
+
+def disk_full_message(exc: BaseException | str, what: str) -> str | None:
+    """One line for a full disk: naming the file the failed write was for (else `what`) and saying to
+    free space; None if `exc` is not a full disk."""
+    if isinstance(exc, str):
+        return disk_full_line(what) if any(t in exc.lower() for t in _FULL_TEXTS) else None
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return disk_full_line(str(e.filename) if e.filename else what)
+        cause = getattr(e, "cause", None)
+        todo += [e.__cause__, e.__context__, cause if isinstance(cause, BaseException) else None]
+    return disk_full_message(str(exc), what)
+
+
+def disk_full_line(what: str) -> str:
+    """The one line that says a write of `what` found no space, and what to do."""
+    return f"no space left on device writing {what}: {FREE_SPACE}"
+
+
+class DiskFull(PipelineError):
+    """The store's disk (or quota) filled up while the engine wrote its own files (a run record)."""

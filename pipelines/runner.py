@@ -23,9 +23,20 @@ from typing import Any
 from pipelines import local_ray, registry
 from pipelines.context import Executor, Reporter, StepJob, StepOutcome, execute_step
 from pipelines.dag import Dag, build_dag, find_refs
-from pipelines.errors import PipelineError, RayUnavailable, RunFailed, SpecError
+from pipelines.errors import (
+    DiskFull,
+    PipelineError,
+    RayUnavailable,
+    RunFailed,
+    SpecError,
+    StoreError,
+    disk_full,
+    disk_full_line,
+    disk_full_message,
+)
 from pipelines.exports import export_to_store
 from pipelines.fingerprint import input_fingerprint
+from pipelines.gc import run_lock
 from pipelines.housekeeping import (
     HEARTBEAT_S,
     clean_store,
@@ -270,8 +281,12 @@ def _ray_options(job: StepJob) -> dict[str, Any]:
     return options
 
 
-def _error_line(exc: BaseException) -> tuple[str, str]:
-    """(one-line error, full text) of a failed task, unwrapping Ray's task error."""
+def _error_line(exc: BaseException, output: str = "the step's output") -> tuple[str, str]:
+    """(one-line error, full text) of a failed task, unwrapping Ray's task error; a full disk is
+    one line naming the file (else `output`) and saying to free space."""
+    full = disk_full_message(exc, output)
+    if full is not None:
+        return full, str(exc)
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {cause}".splitlines()[0], str(exc)
@@ -407,11 +422,19 @@ def _artifact_root(tracking_uri: str, store: Store) -> Path | None:
 
 
 def run(spec: SpecBase, **options: Any) -> Run:
-    """Run a spec; returns the Run (its tables, statuses). See RunOptions for the options."""
+    """Run a spec; returns the Run (its tables, statuses). See RunOptions for the options.
+
+    The run holds the store's gc lock (shared) from before it plans until its record is final, so
+    `tda gc` deletes nothing while it runs (pipelines/gc.py)."""
     opts = RunOptions(**options)
     store = resolve_store(spec, opts.store)
     tracking_uri = resolve_tracking_uri(spec, opts.tracking_uri, store)
     store.prepare()  # before MLflow opens a default SQLite database in it
+    with run_lock(store):
+        return _run_locked(spec, opts, store, tracking_uri)
+
+
+def _run_locked(spec: SpecBase, opts: RunOptions, store: Store, tracking_uri: str) -> Run:
     clean_store(store)
     sweep_ray_temp_dirs()
     dag, planned = plan(spec, store, tuple(opts.force), opts.verify)
@@ -442,7 +465,7 @@ def run(spec: SpecBase, **options: Any) -> Run:
         {"seed": spec.seed, "steps": len(planned)},
     )
     record.mlflow = {"tracking_uri": tracking_uri}
-    store.write_run(record)
+    _save_record(store, record)
     state = _State(record, store, tracker, Progress(record.steps, opts.progress), planned)
     t0 = time.perf_counter()
     try:
@@ -621,7 +644,8 @@ def _schedule(state: _State) -> None:
             break
         if time.monotonic() - beat >= HEARTBEAT_S:
             state.record.heartbeat, beat = now_iso(), time.monotonic()
-            state.store.write_run(state.record)
+            with contextlib.suppress(PipelineError):  # a full disk: the steps say so, and _finish
+                _save_record(state.store, state.record)
         done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
         _take_events(state, channel)  # before collecting: a step's live metrics precede its outcome
         for ref in done:
@@ -639,7 +663,8 @@ def _collect(state: _State, name: str, ref: Any) -> None:
         outcome: StepOutcome = ray.get(ref)
     except Exception as exc:
         info.move_to(StepStatus.FAILED)
-        info.error, info.traceback = _error_line(exc)
+        output = f"the output of step {name!r} in {state.store.location}"
+        info.error, info.traceback = _error_line(exc, output)
         info.seconds = time.time() - state.t_start[name]
         _track(state, name, [], info.seconds, "FAILED", cached=False)
     else:
@@ -742,7 +767,23 @@ def _finish(state: _State, seconds: float) -> None:
         record.mlflow["errors"] = errors[:20]
     if errors and state.tracker.connect_error is None:  # a connect error is raised by ready(), not warned
         log.warning("MLflow logging failed %d time(s); first: %s", len(errors), errors[0])
-    state.store.write_run(record)
+    try:
+        _save_record(state.store, record)
+    except PipelineError as exc:
+        if record.status == RunStatus.SUCCEEDED:
+            raise
+        log.warning("%s", exc)  # and the failed steps (printed next) say why they failed
+
+
+def _save_record(store: Store, record: RunRecord) -> None:
+    """Write the run record; DiskFull or StoreError, one line naming the file, if it cannot be."""
+    try:
+        store.write_run(record)
+    except OSError as exc:
+        where = store.locate("runs", f"{record.run_id}.json")
+        if disk_full(exc):
+            raise DiskFull(f"run {record.run_id}: {disk_full_line(where)}") from None
+        raise StoreError(f"{where}: cannot write the run record ({exc.strerror or exc})") from None
 
 
 def _export(state: _State) -> None:

@@ -72,8 +72,12 @@ def write_json_atomic(path: Path, value: Any) -> None:
     """Write JSON to `path` so that readers see the old file or the new one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: leave no half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def now_iso() -> str:

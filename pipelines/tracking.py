@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import DatabaseBusy, TrackingError
+from pipelines.errors import DatabaseBusy, TrackingError, disk_full_message
 
 MAX_PARAM_LENGTH = 6000
 _NOT_IN_METRIC_NAMES = re.compile(r"[^A-Za-z0-9_\-. :/]")  # what MLflow accepts in a metric name
@@ -132,8 +132,18 @@ def damaged_message(db: Path, why: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # SQLAlchemy leads with its own context ("(raised as a result of Query-invoked autoflush …")
+    # and puts the database's error on a line of its own: "(sqlite3.OperationalError) …"
+    driver = [line for line in lines if re.match(r"^\(\w+(\.\w+)*Error\) ", line)]
+    return f"{type(exc).__name__}: {(driver or lines or [''])[0]}"
+
+
+def logging_failure(tracking_uri: str, exc: BaseException) -> str:
+    """One line for a failed logging call; a full disk names the database and says to free space."""
+    db = sqlite_path(tracking_uri)
+    full = disk_full_message(exc, f"the tracking database {db}" if db else tracking_uri)
+    return f"MLflow: {full}" if full else _first_line(exc)
 
 
 def connect_failure(tracking_uri: str, exc: Exception) -> str:
@@ -224,7 +234,7 @@ class Tracker:
             try:
                 job()
             except Exception as exc:  # tracking must not take the pipeline down
-                self._errors.append(f"{type(exc).__name__}: {exc}")
+                self._errors.append(logging_failure(self.tracking_uri, exc))
 
     @property
     def connect_error(self) -> TrackingError | None:

@@ -123,6 +123,7 @@ class Embeddings:
 
 
 SYSTEM_RETRIES = 3  # embedding passes after the first, each over the texts not yet embedded
+MAX_BLOCKS = 200  # the most parts one pass writes into scratch (their rows grow past that)
 
 
 def embed_split(
@@ -213,7 +214,10 @@ def _embed_into(
     import ray.data
 
     source, batch_size, cpus_per_worker, gpus_per_worker, _device = embed
-    ds = ray.data.from_arrow([t for t in tables if t.num_rows])
+    # a block is the unit kept in scratch (an actor returns one output block per input block): blocks
+    # of a few batches, at most MAX_BLOCKS of them
+    rows = max(4 * batch_size, -(-sum(t.num_rows for t in tables) // MAX_BLOCKS))
+    ds = ray.data.from_arrow([t.slice(i, rows) for t in tables for i in range(0, t.num_rows, rows)])
     with warnings.catch_warnings():  # max_restarts as a map_batches kwarg is "deprecated" in Ray 2.60
         warnings.simplefilter("ignore")
         ds = ds.map_batches(

@@ -47,9 +47,17 @@ steps:
     data: data
     n_subsets: 24
     subset_size: 60
+  scored_corpus:
+    kind: synthetic_instructions
+    n_examples: 3000
+  scored:
+    kind: split
+    data: scored_corpus
+    n_targets: 40
 """
 
-# the three stages under fault: fine-tunes, gradient featurisation, AirRep scoring
+# the three stages under fault: fine-tunes, gradient featurisation, AirRep scoring (of a larger corpus,
+# so that its embedding lasts long enough, about 10 s, to be interrupted after its first part)
 STAGES = {
     "effects": """  effects:
     kind: subset_effects
@@ -68,13 +76,13 @@ STAGES = {
 """,
     "scores": """  scores:
     kind: influence_scores
-    data: data
+    data: scored
     method: airrep
     encoder_path: {airrep}
     embed_batch_size: 8
 """,
 }
-UPSTREAM_STEPS = ("corpus", "data", "tokenizer", "model", "subsets")
+UPSTREAM_STEPS = ("corpus", "data", "tokenizer", "model", "subsets", "scored_corpus", "scored")
 # the Ray process title of a worker doing each stage's work
 WORKER_TITLE = {
     "effects": "ray::train_batch",
