@@ -8,9 +8,6 @@ import multiprocessing
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -23,6 +20,7 @@ from pipelines.errors import CorruptObject
 from pipelines.exports import MARKER, export_to_store
 from pipelines.store import Store
 from tests.pipelines.test_runner import CHAIN
+from tests.procs import tda, wait_for
 
 
 def _commit(store: Store, key: str, value: int = 1, rows: int = 3, replace: bool = False):
@@ -260,25 +258,6 @@ steps:
 """
 
 
-def _tda(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
-
-
-def _wait_for(predicate, timeout: float = 180.0) -> None:
-    end = time.time() + timeout
-    while not predicate():
-        assert time.time() < end, "timed out"
-        time.sleep(0.5)
-
-
 def _ray_dirs(pid: int) -> list[Path]:
     import tempfile
 
@@ -294,15 +273,15 @@ def _pids_using(path: Path) -> list[int]:
 def test_a_killed_driver_reads_interrupted_and_the_next_run_cleans_up(write_spec, tmp_path):
     spec = write_spec(SLOW)
     store_dir = tmp_path / "store"
-    driver = _tda("run", str(spec), "-q", "--num-cpus", "1", "--store", str(store_dir))
+    driver = tda("run", str(spec), "-q", "--num-cpus", "1", "--store", str(store_dir))
     store = Store(store_dir)
 
     def step_running() -> bool:
         ids = store.run_ids()
         return bool(ids) and store.read_run(ids[-1]).steps["nap"]["status"] == "running"
 
-    _wait_for(step_running)
-    _wait_for(lambda: any((store_dir / "tmp").rglob("*.*")))  # the step's staging folder
+    wait_for(step_running)
+    wait_for(lambda: any((store_dir / "tmp").rglob("*.*")))  # the step's staging folder
     (ray_dir,) = _ray_dirs(driver.pid)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
@@ -312,7 +291,7 @@ def test_a_killed_driver_reads_interrupted_and_the_next_run_cleans_up(write_spec
     assert f"pid {driver.pid}" in record.steps["nap"]["error"]
     assert main(["runs", "--store", str(store_dir)]) == 0
 
-    after = _tda("run", str(spec), "-q", "--store", str(store_dir), "--set", "steps.nap.seconds=0")
+    after = tda("run", str(spec), "-q", "--store", str(store_dir), "--set", "steps.nap.seconds=0")
     assert after.wait(timeout=300) == 0, after.stderr.read()
     old = json.loads(store.run_path(record.run_id).read_text())
     assert old["status"] == "interrupted" and old["finished"]  # written back
