@@ -437,6 +437,8 @@ def run(spec: SpecBase, **options: Any) -> Run:
 def _run_locked(spec: SpecBase, opts: RunOptions, store: Store, tracking_uri: str) -> Run:
     clean_store(store)
     sweep_ray_temp_dirs()
+    if type(store) is Store:  # a local store (the lock below is a file of it)
+        resume_deferred_tracking(store)
     dag, planned = plan(spec, store, tuple(opts.force), opts.verify)
     record = RunRecord(
         run_id=opts.run_id or new_run_id(),
@@ -518,10 +520,46 @@ def _record_tracking_later(store: Store, run_id: str) -> None:
     )
 
 
+def resume_deferred_tracking(store: Store) -> list[str]:
+    """Start the recording of every finished run whose MLflow record is still deferred (its recording
+    process was killed, or has not finished yet: then the new one finds its lock held and leaves);
+    returns their ids."""
+    waiting = []
+    for run_id in store.run_ids():
+        try:
+            record = store.read_run(run_id)
+        except PipelineError:  # an unreadable record is named where it is read
+            continue
+        if "deferred" in record.mlflow and record.status.is_terminal:
+            _record_tracking_later(store, run_id)
+            waiting.append(run_id)
+    return waiting
+
+
 def record_deferred_tracking(store_location: str, run_id: str) -> None:
     """Record in MLflow the run whose calls a TrackingJournal kept in its run record
-    (`mlflow.deferred`), then write the MLflow ids (or the errors) into the record."""
+    (`mlflow.deferred`), then write the MLflow ids (or the errors) into the record.
+
+    One process at a time per run (an exclusive flock on `runs/.<run_id>.mlflow.lock`, not waited
+    for); the record, read under the lock, says whether the work is still to do."""
+    import fcntl
+
     store = Store.open(store_location)
+    if type(store) is not Store:  # a store on a URI: no lock file there, so no retry (run() starts none)
+        _replay_deferred(store, run_id)
+        return
+    lock_path = store.root / "runs" / f".{run_id}.mlflow.lock"
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is recording it
+            return
+        if "deferred" in store.read_run(run_id).mlflow:
+            _replay_deferred(store, run_id)
+        lock_path.unlink(missing_ok=True)  # a process that opened it before reads the record: done
+
+
+def _replay_deferred(store: Store, run_id: str) -> None:
     record = store.read_run(run_id)
     entries = record.mlflow.get("deferred") or []
     uri = record.mlflow["tracking_uri"]

@@ -200,3 +200,25 @@ def test_runs_attach_to_a_warm_ray_until_it_is_stopped(tmp_path):
     assert not (tmp_path / "warm" / "cluster.json").exists()
     again = tda("run", str(spec), "--store", str(tmp_path / "store2"), "-q")
     assert again.returncode == 0 and "ray:      started an embedded Ray" in again.stdout
+
+
+def test_a_deferred_mlflow_record_whose_recorder_died_is_recorded_by_the_next_run(finished, monkeypatch):
+    """The recording process of a cached run killed before it wrote anything (here: never started):
+    the record keeps `mlflow.deferred`, and the next run into the store starts it again."""
+    import pipelines.runner
+
+    spec, store_path = finished
+    monkeypatch.setattr(pipelines.runner, "_record_tracking_later", lambda store, run_id: None)
+    orphan = pipelines.run(load_spec(spec), store=str(store_path), progress=False, defer_tracking=True)
+    store = Store.open(store_path)
+    assert "deferred" in store.read_run(orphan.record.run_id).mlflow
+    monkeypatch.undo()
+
+    pipelines.run(load_spec(spec), store=str(store_path), progress=False)  # records in MLflow itself
+    ids = _wait_for_mlflow_ids(store, orphan.record.run_id)
+    assert not ids.get("errors") and ids["run_id"]
+    assert not (store_path / "runs" / f".{orphan.record.run_id}.mlflow.lock").exists()
+    import mlflow
+
+    parent = mlflow.MlflowClient(ids["tracking_uri"]).get_run(ids["run_id"])
+    assert parent.info.run_name == orphan.record.run_id and parent.info.status == "FINISHED"
