@@ -265,7 +265,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from pipelines.errors import StoreError
 
     plan = gc.plan(_store_for(args))
-    title = f"{plan.store} · {plan.runs} run records · {plan.kept} objects referenced"
+    records, kept = _count(plan.runs, "run record"), _count(plan.kept, "object")
+    title = f"{plan.store} · {records} · {kept} referenced"
     out.print(_gc_table(plan.items, f"garbage in {title}"))
     if plan.live:
         raise StoreError(gc.live_message(plan.store, plan.live))
@@ -277,7 +278,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             )
         if len(plan.items) > GC_LISTED:
             out.print(f"  … and {len(plan.items) - GC_LISTED} more")
-        out.print("nothing deleted: pass --yes to delete")
+        out.print("nothing deleted: pass --yes to delete" if plan.items else "nothing to delete")
         return 0
     stderr = Console(stderr=True)
     removed = gc.apply(
@@ -287,6 +288,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
     entries = f"{len(removed)} {'entry' if len(removed) == 1 else 'entries'}"
     out.print(f"freed {_bytes(sum(g.size for g in removed))} in {entries} of {plan.store}")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 GC_LISTED = 50  # entries a dry run lists one by one
