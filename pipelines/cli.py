@@ -165,7 +165,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     skipped = []
     for run_id in store.run_ids():
         try:
-            rec = store.read_run(run_id)
+            rec = store.read_record(run_id)
         except PipelineError as exc:  # an unreadable record: named below, the others listed
             skipped.append(str(exc))
             continue

@@ -41,7 +41,6 @@ import fcntl
 import logging
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -49,9 +48,9 @@ from enum import Enum
 from pathlib import Path
 
 from pipelines.errors import StoreError
-from pipelines.housekeeping import ORPHAN_STAGING_S, driver_gone, mark_interrupted
+from pipelines.housekeeping import dead_staging
 from pipelines.status import RunStatus
-from pipelines.store import RunRecord, Store, json_object
+from pipelines.store import RunRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -211,24 +210,19 @@ def live_message(store: Store, live: list[str]) -> str:
 
 
 def read_records(store: Store) -> list[RunRecord]:
-    """Every run record of the store; StoreError (gc's refusal) if one cannot be read."""
+    """Every run record of the store (driverless `running` ones read as interrupted); StoreError
+    (gc's refusal) if one cannot be read."""
     records = []
     for run_id in store.run_ids():
-        path = store.run_path(run_id)
         try:
-            record = RunRecord.from_json(json_object(path.read_text(encoding="utf-8")))
+            records.append(store.read_record(run_id))
         except FileNotFoundError:  # deleted meanwhile: it names nothing any more
             continue
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        except (StoreError, OSError) as exc:
+            why = str(exc) if isinstance(exc, StoreError) else f"{store.run_path(run_id)}: {exc}"
             raise StoreError(
-                f"{path}: unreadable run record ({first}); tda gc deletes nothing while a record it "
-                "cannot read might name any object: restore it from a backup, or delete it (the "
-                "objects only it names are then garbage too)"
+                f"{why}; tda gc deletes nothing while a record it cannot read might name any object"
             ) from None
-        if driver_gone(record):
-            mark_interrupted(record)
-        records.append(record)
     return records
 
 
@@ -303,20 +297,12 @@ def _entries(folder: Path) -> list[Path]:
 
 
 def _staging(store: Store, alive: set[str], known: set[str]) -> list[Garbage]:
-    found = []
-    for entry in _entries(store.root / "tmp"):
-        if entry.name in alive:
-            continue
-        if entry.name in known:
-            reason = f"staging of run {entry.name}, which is not running"
-        elif entry.name.startswith(TRASH_PREFIX):
-            reason = "left by an interrupted tda gc"
-        elif _age(entry) > ORPHAN_STAGING_S:
-            reason = f"of no run, untouched for {_age(entry) / 86400:.0f} day(s)"
-        else:
-            continue
-        found.append(Garbage(Category.STAGING, entry, _disk_size(entry), reason))
-    return found
+    tmp = store.root / "tmp"
+    found = dict(dead_staging(tmp, alive, known))
+    for entry in _entries(tmp):
+        if entry.name.startswith(TRASH_PREFIX):
+            found.setdefault(entry, "left by an interrupted tda gc")
+    return [Garbage(Category.STAGING, e, _disk_size(e), why) for e, why in sorted(found.items())]
 
 
 def _scratch(store: Store, named: set[str], working: set[str]) -> list[Garbage]:
@@ -350,13 +336,6 @@ def _quarantined(store: Store) -> list[Garbage]:
         Garbage(Category.QUARANTINE, entry, _disk_size(entry), "a corrupt copy, moved out of objects/")
         for entry in _entries(store.root / "quarantine")
     ]
-
-
-def _age(path: Path) -> float:
-    try:
-        return time.time() - path.lstat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def _disk_size(path: Path) -> int:

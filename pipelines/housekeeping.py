@@ -97,33 +97,42 @@ def mark_interrupted(record: RunRecord) -> None:
             info.error = f"the run's driver ({who}) stopped before this step finished"
 
 
-def clean_store(store: Store) -> list[str]:
+def clean_store(store: Store) -> list[RunRecord]:
     """Write back records of dead runs as interrupted and remove staging of runs that are not alive;
-    returns the ids of the runs it marked."""
-    marked, alive = [], set()
+    returns every readable record (as written back)."""
+    records, alive = [], set()
     for run_id in store.run_ids():
         try:
-            record = store.read_run(run_id)
+            record = store.read_record(run_id)
         except Exception:  # an unreadable record is skipped here and named where it is read
             continue
         if record.status == RunStatus.INTERRUPTED and record.finished is None:
             record.finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
             store.write_run(record)
-            marked.append(run_id)
         elif record.status == RunStatus.RUNNING:
             alive.add(run_id)
+        records.append(record)
     _remove_dead_staging(store.root / "tmp", alive, set(store.run_ids()))
-    return marked
+    return records
+
+
+def dead_staging(tmp: Path, alive: set[str], known: set[str]) -> list[tuple[Path, str]]:
+    """The entries of `tmp` no live run uses, each with why: the staging of a run (`known`) that is
+    not `alive`, or an entry of no run untouched for ORPHAN_STAGING_S."""
+    found = []
+    for entry in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+        if entry.name in alive:
+            continue
+        if entry.name in known:
+            found.append((entry, f"staging of run {entry.name}, which is not running"))
+        elif (age := _age_of(entry)) > ORPHAN_STAGING_S:
+            found.append((entry, f"of no run, untouched for {age / 86400:.0f} day(s)"))
+    return found
 
 
 def _remove_dead_staging(tmp: Path, alive: set[str], known: set[str]) -> None:
-    if not tmp.is_dir():
-        return
-    for entry in tmp.iterdir():
-        if entry.name in alive:
-            continue
-        if entry.name in known or _age_of(entry) > ORPHAN_STAGING_S:
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    for entry, _why in dead_staging(tmp, alive, known):
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 def _age_of(path: Path) -> float:

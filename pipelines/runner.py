@@ -435,10 +435,10 @@ def run(spec: SpecBase, **options: Any) -> Run:
 
 
 def _run_locked(spec: SpecBase, opts: RunOptions, store: Store, tracking_uri: str) -> Run:
-    clean_store(store)
+    records = clean_store(store)
     sweep_ray_temp_dirs()
-    if type(store) is Store:  # a local store (the lock below is a file of it)
-        resume_deferred_tracking(store)
+    if store.is_local:  # a store folder (the recorder's lock is a file of it)
+        resume_deferred_tracking(store, records)
     dag, planned = plan(spec, store, tuple(opts.force), opts.verify)
     record = RunRecord(
         run_id=opts.run_id or new_run_id(),
@@ -520,19 +520,13 @@ def _record_tracking_later(store: Store, run_id: str) -> None:
     )
 
 
-def resume_deferred_tracking(store: Store) -> list[str]:
-    """Start the recording of every finished run whose MLflow record is still deferred (its recording
-    process was killed, or has not finished yet: then the new one finds its lock held and leaves);
-    returns their ids."""
-    waiting = []
-    for run_id in store.run_ids():
-        try:
-            record = store.read_run(run_id)
-        except PipelineError:  # an unreadable record is named where it is read
-            continue
-        if "deferred" in record.mlflow and record.status.is_terminal:
-            _record_tracking_later(store, run_id)
-            waiting.append(run_id)
+def resume_deferred_tracking(store: Store, records: list[RunRecord]) -> list[str]:
+    """Start the recording of every finished run of `records` whose MLflow record is still deferred
+    (its recording process was killed, or has not finished yet: then the new one finds its lock held
+    and leaves); returns their ids."""
+    waiting = [r.run_id for r in records if "deferred" in r.mlflow and r.status.is_terminal]
+    for run_id in waiting:
+        _record_tracking_later(store, run_id)
     return waiting
 
 
@@ -545,7 +539,7 @@ def record_deferred_tracking(store_location: str, run_id: str) -> None:
     import fcntl
 
     store = Store.open(store_location)
-    if type(store) is not Store:  # a store on a URI: no lock file there, so no retry (run() starts none)
+    if not store.is_local:  # a store on a URI: no lock file there, so no retry (run() starts none)
         _replay_deferred(store, run_id)
         return
     lock_path = store.root / "runs" / f".{run_id}.mlflow.lock"

@@ -334,7 +334,7 @@ class Store:
         if len(matches) != 1:
             what = "no run" if not matches else "several runs"
             raise StoreError(f"{self.location}: {what} matching {run_id!r}; see `tda runs`")
-        return self._record(matches[0])
+        return self.read_record(matches[0])
 
     def _latest(self, ids: list[str]) -> RunRecord:
         """The last started run: ids sort by their start second; runs of the same second are told apart
@@ -344,14 +344,15 @@ class Store:
             records = []
             for run_id in (i for i in ids if i[:15] == second):
                 try:
-                    records.append(self._record(run_id))
+                    records.append(self.read_record(run_id))
                 except StoreError as exc:
                     log.warning("skipped %s", exc)
             if records:
                 return max(records, key=lambda r: r.started)
         raise StoreError(f"{self.location}: no readable run record in runs/; run a spec with `tda run SPEC`")
 
-    def _record(self, run_id: str) -> RunRecord:
+    def read_record(self, run_id: str) -> RunRecord:
+        """The record of run `run_id` (its exact id: no listing of runs/), read as `read_run` does."""
         where = self.locate("runs", f"{run_id}.json")
         try:
             data = self._run_data(run_id)
