@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -238,8 +239,18 @@ def _collect(ctx: StepContext, shards: list[dict[str, Any]]) -> Any:
             int(tensors["tokens"][0]),
         )
         total.add(part)
-        os.replace(ctx.scratch_dir / f"part-{name}.parquet", ctx.data_dir / f"part-{name}.parquet")
+        _link(ctx.scratch_dir / f"part-{name}.parquet", ctx.data_dir / f"part-{name}.parquet")
     return total
+
+
+def _link(source: Path, target: Path) -> None:
+    """`target` with `source`'s bytes, `source` left in place (a hard link, else a copy): the scratch
+    stays whole until the object commits, so a run killed while collecting (or a dead driver's step
+    still collecting) leaves the next run every finished shard."""
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or no hard links
+        shutil.copyfile(source, target)
 
 
 def _layout(family: Any, projection: Any, dim: int) -> list[list[Any]]:

@@ -111,7 +111,11 @@ def test_a_killed_driver_resumes_only_the_unfinished_work(tmp_path, airrep, base
         UPSTREAM_STEPS, "cached"
     )
     manifest = Store(store).manifest(keys[stage])
-    assert manifest["metrics"][RESUMED[stage]] >= done >= 1  # the finished units were not redone
+    # the killed driver's Ray processes live a few seconds on (docs/failures.md), so its step may still
+    # finish and commit the object before the next run plans: then that run finds it cached, and
+    # recomputes nothing; otherwise it resumes
+    if record.steps[stage]["status"] != "cached":
+        assert manifest["metrics"][RESUMED[stage]] >= done >= 1  # the finished units were not redone
     assert_same_table(table(store, keys[stage]), table(base_store, keys[stage]), stage)
 
 
